@@ -1,0 +1,167 @@
+//! The math: quantized matrix products driven by ggml's per-type CPU kernels, and the
+//! small f32 operations of a decoder (RMSNorm, RoPE, softmax, activations).
+//!
+//! Matrix products follow llama.cpp's CPU recipe exactly: the activations are
+//! converted once to the weight type's `vec_dot_type` (e.g. Q8_0 for Q4_0, Q8_K for
+//! K-quants) with ggml's `from_float`, then every output element is one call of
+//! ggml's `vec_dot`. Each output element is computed by exactly one call, so results
+//! do not depend on the number of threads.
+mod ops;
+mod types;
+
+pub use ops::*;
+pub use types::GgmlType;
+
+use rayon::prelude::*;
+
+/// A weight matrix in any ggml type, borrowed (typically from the memory map):
+/// `rows` rows of `cols` values, each row `ty.row_bytes(cols)` bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    /// Wrap raw bytes; errors if the size does not match the shape.
+    pub fn new(ty: GgmlType, cols: usize, rows: usize, data: &'a [u8]) -> Option<Self> {
+        (cols % ty.block_size() == 0 && ty.row_bytes(cols) * rows == data.len()).then_some(Self {
+            ty,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.cols)
+    }
+
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Dequantize row `r` into `out` (len `cols`).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        self.ty.to_f32(self.row(r), out);
+    }
+}
+
+/// Activations (n rows of `cols` f32 values) together with their conversions to the
+/// `vec_dot_type`s of the weights they meet, made once and reused: the same input
+/// feeds Q, K and V (and gate and up), which share a dot type.
+pub struct Activations<'a> {
+    x: &'a [f32],
+    n: usize,
+    cols: usize,
+    converted: Vec<(GgmlType, Vec<u8>)>,
+}
+
+impl<'a> Activations<'a> {
+    pub fn new(x: &'a [f32], n: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), n * cols, "activation shape mismatch");
+        Self {
+            x,
+            n,
+            cols,
+            converted: Vec::new(),
+        }
+    }
+
+    /// The activations as rows of `ty` (converted on first use).
+    fn as_type(&mut self, ty: GgmlType) -> &[u8] {
+        if ty == GgmlType::F32 {
+            return bytes_of(self.x);
+        }
+        if let Some(i) = self.converted.iter().position(|(t, _)| *t == ty) {
+            return &self.converted[i].1;
+        }
+        let rb = ty.row_bytes(self.cols);
+        let mut buf = vec![0u8; rb * self.n];
+        let cols = self.cols;
+        buf.par_chunks_mut(rb)
+            .zip(self.x.par_chunks(cols))
+            .for_each(|(dst, src)| ty.from_f32(src, dst));
+        self.converted.push((ty, buf));
+        &self.converted.last().expect("just pushed").1
+    }
+}
+
+/// View f32s as bytes (for the f32 `vec_dot`, which takes untyped pointers).
+fn bytes_of(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is
+    // exact and the lifetime is tied to `x`.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), std::mem::size_of_val(x)) }
+}
+
+/// A raw output pointer shared by rayon tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint indices (see `matmul`), so sharing is race-free.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out[t * w.rows + r] = dot(w.row(r), x.row(t))` for every token `t` and weight row
+/// `r`, i.e. `out = x · wᵀ`, in parallel over blocks of weight rows (each block is
+/// read once from memory and used for every token while it is in cache).
+pub fn matmul(w: &QMatrix, x: &mut Activations, out: &mut [f32]) {
+    assert_eq!(w.cols, x.cols, "matmul: inner dimensions differ");
+    assert_eq!(out.len(), x.n * w.rows, "matmul: output has the wrong size");
+    let n = x.n;
+    let cols = w.cols;
+    let dot_ty = w.ty.vec_dot_type();
+    let xrb = dot_ty.row_bytes(cols);
+    let xq = x.as_type(dot_ty);
+    let wrb = w.row_bytes();
+    let rows = w.rows;
+    let block = row_block(rows, n);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let vec_dot = w.ty.vec_dot();
+    (0..rows.div_ceil(block)).into_par_iter().for_each(|b| {
+        let out_ptr = out_ptr;
+        let r0 = b * block;
+        let r1 = (r0 + block).min(rows);
+        for t in 0..n {
+            let xt = &xq[t * xrb..(t + 1) * xrb];
+            for r in r0..r1 {
+                let wr = &w.data[r * wrb..(r + 1) * wrb];
+                let mut s = 0f32;
+                // SAFETY: `wr` and `xt` are full rows of `cols` values in the types
+                // `vec_dot` expects (w.ty and its vec_dot_type); `s` is one float.
+                unsafe {
+                    vec_dot(
+                        cols as i32,
+                        &mut s,
+                        0,
+                        wr.as_ptr().cast(),
+                        0,
+                        xt.as_ptr().cast(),
+                        0,
+                        1,
+                    )
+                };
+                // SAFETY: index < n * rows == out.len(); each (t, r) is written by
+                // exactly one task because row blocks are disjoint.
+                unsafe { *out_ptr.0.add(t * rows + r) = s };
+            }
+        }
+    });
+}
+
+/// How many weight rows one task handles: enough tasks to balance the threads, few
+/// enough that dispatch stays cheap, and small enough that the block stays in cache
+/// while all tokens pass over it.
+fn row_block(rows: usize, n_tokens: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_threads = rows.div_ceil(threads * 4);
+    let by_cache = if n_tokens > 1 { 64 } else { usize::MAX };
+    by_threads.min(by_cache).max(16)
+}
+
+/// Make sure ggml's CPU backend tables (f16 conversion, GELU) are initialised.
+pub fn init() {
+    types::init();
+}

@@ -1,0 +1,236 @@
+//! Element-wise and row operations of a decoder, in f32 (f16 for cached keys and
+//! values). Each follows the formula llama.cpp's CPU backend uses, so the two runtimes
+//! agree to float rounding.
+use std::sync::OnceLock;
+
+use half::f16;
+
+/// `out = x / rms(x) * w` (RMSNorm), with the sum of squares in f64 as ggml does.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * g;
+    }
+}
+
+/// RMSNorm in place (see [`rmsnorm`]).
+pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = *v * scale * g;
+    }
+}
+
+/// How RoPE pairs up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (x[2i], x[2i+1]): llama.
+    Normal,
+    /// Halves (x[i], x[i + d/2]): GPT-NeoX, qwen2, qwen3, gemma3.
+    Neox,
+}
+
+/// Rotary position embedding of one head vector `x` (length = head dim) at position
+/// `pos`, rotating the first `n_rot` dimensions. The angle of pair i is
+/// `freq_scale * pos * base^(-2i/n_rot)` (`freq_scale` < 1 is linear scaling), built
+/// by repeated multiplication in f32 as ggml does.
+pub fn rope(x: &mut [f32], pos: f32, n_rot: usize, base: f32, freq_scale: f32, style: RopeStyle) {
+    let theta_scale = base.powf(-2.0 / n_rot as f32);
+    let mut theta = pos;
+    let half = n_rot / 2;
+    for i in 0..half {
+        let (s, c) = (freq_scale * theta).sin_cos();
+        let (a, b) = match style {
+            RopeStyle::Normal => (2 * i, 2 * i + 1),
+            RopeStyle::Neox => (i, i + half),
+        };
+        let (x0, x1) = (x[a], x[b]);
+        x[a] = x0 * c - x1 * s;
+        x[b] = x0 * s + x1 * c;
+        theta *= theta_scale;
+    }
+}
+
+/// Softmax in place, subtracting the maximum first.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `gate = silu(gate) * up` (SwiGLU).
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `gate = gelu(gate) * up` (GeGLU), GELU with the tanh approximation. Like ggml's
+/// CPU backend, the input is rounded to f16 and GELU is read from a 64k-entry table
+/// of f16 results, which makes the two runtimes agree exactly here.
+pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    let table = gelu_table();
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let y = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x
+        } else {
+            table[f16::from_f32(x).to_bits() as usize].to_f32()
+        };
+        *g = y * u;
+    }
+}
+
+/// GELU (tanh approximation) of one value, in f32.
+pub fn gelu(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+}
+
+fn gelu_table() -> &'static [f16] {
+    static TABLE: OnceLock<Vec<f16>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| f16::from_f32(gelu(f16::from_bits(bits).to_f32())))
+            .collect()
+    })
+}
+
+/// `exp(x)` as ggml's vectorised softmax computes it: the polynomial approximation
+/// of ARM's optimized-routines (max error about 1.5 ulp), evaluated with the same
+/// fused operations in the same order, so that attention weights are bit-identical
+/// to llama.cpp's. Written for the range softmax uses (x <= 0, including -inf).
+pub fn softmax_exp(x: f32) -> f32 {
+    let f = f32::from_bits;
+    let r = f(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(f(0x3fb8_aa3b), r); // x * log2(e) + r
+    let n = z - r;
+    let b = (-n).mul_add(f(0x35bf_be8e), (-n).mul_add(f(0x3f31_7200), x));
+    let e = z.to_bits() << 23;
+    let k = f(e.wrapping_add(1f32.to_bits()));
+    let u = b * b;
+    let j = f(0x3c07_2010)
+        .mul_add(b, f(0x3d2b_9f17))
+        .mul_add(u, f(0x3e2a_af33).mul_add(b, f(0x3eff_fedb)))
+        .mul_add(u, f(0x3f7f_fff6) * b);
+    if n.abs() <= 126.0 {
+        return j.mul_add(k, k);
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f(g.wrapping_add(0x7f00_0000));
+    let s2 = f(e.wrapping_sub(g));
+    if n.abs() > 192.0 {
+        s1 * s1
+    } else {
+        s2.mul_add(j, s2) * s1
+    }
+}
+
+/// `y[i] = exp(x[i] - max)` for a block of 8 values, returning their sum reduced in
+/// the order of ggml's AVX2 softmax: ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)).
+pub fn softmax_exp8(x: &mut [f32; 8], max: f32) -> f32 {
+    for v in x.iter_mut() {
+        *v = softmax_exp(*v - max);
+    }
+    let a: [f32; 4] = std::array::from_fn(|i| x[i + 4] + x[i]);
+    (a[0] + a[2]) + (a[1] + a[3])
+}
+
+/// Convert f32 to f16.
+pub fn to_f16(src: &[f32], dst: &mut [f16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f16::from_f32(s);
+    }
+}
+
+/// Index of the largest value (first one on ties).
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rmsnorm_unit_rms() {
+        let x = [3.0, 4.0];
+        let mut out = [0.0; 2];
+        rmsnorm(&x, &[1.0, 2.0], 0.0, &mut out);
+        let rms = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / rms).abs() < 1e-6);
+        assert!((out[1] - 8.0 / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_and_keeps_norm() {
+        let mut a = [1.0, 0.0, 0.5, 0.5];
+        rope(&mut a, 3.0, 4, 10000.0, 1.0, RopeStyle::Normal);
+        // first pair rotated by 3 radians
+        assert!((a[0] - 3f32.cos()).abs() < 1e-6 && (a[1] - 3f32.sin()).abs() < 1e-6);
+        let n: f32 = a.iter().map(|v| v * v).sum();
+        assert!((n - 1.5).abs() < 1e-5);
+        let mut b = [1.0, 0.5, 0.0, 0.5];
+        rope(&mut b, 0.0, 4, 10000.0, 1.0, RopeStyle::Neox);
+        assert_eq!(b, [1.0, 0.5, 0.0, 0.5], "position 0 is the identity");
+        rope(&mut b, 3.0, 4, 10000.0, 1.0, RopeStyle::Neox);
+        assert!((b[0] - 3f32.cos()).abs() < 1e-6 && (b[2] - 3f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut x = [1.0, 2.0, 3.0, -1e9];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[2] > x[1] && x[1] > x[0] && x[3] == 0.0);
+    }
+
+    #[test]
+    fn activations() {
+        let mut g = [0.0, 1.0, -20.0, 20.0];
+        swiglu(&mut g, &[1.0, 2.0, 1.0, 1.0]);
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - 2.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
+        let mut g = [0.0, 1.0, -20.0, 20.0];
+        geglu(&mut g, &[1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - 0.8412).abs() < 1e-3, "gelu(1) = {}", g[1]);
+        assert_eq!(g[2], 0.0);
+        assert_eq!(g[3], 20.0);
+    }
+
+    #[test]
+    fn softmax_exp_is_accurate() {
+        for i in 0..2000 {
+            let x = -(i as f32) * 0.05;
+            let (got, want) = (softmax_exp(x), x.exp());
+            assert!((got - want).abs() <= want * 4e-7, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(softmax_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(softmax_exp(-200.0), 0.0);
+        let mut v = [0.0, -1.0, -2.0, f32::NEG_INFINITY, 0.0, -0.5, -3.0, -4.0];
+        let sum = softmax_exp8(&mut v, 0.0);
+        assert!((sum - v.iter().sum::<f32>()).abs() < 1e-6);
+        assert_eq!(v[0], 1.0);
+    }
+}

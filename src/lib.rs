@@ -1,0 +1,11 @@
+//! fastkv: a llama.cpp-style CPU inference runtime for quantized GGUF models.
+//!
+//! Rooms (one concern each): [`gguf`] reads files, [`kernels`] does the math,
+//! [`model`] runs the decoder, [`kv`] holds the cache, [`tokenizer`] turns text
+//! into ids and back, [`sampling`] picks tokens, [`session`] drives prefill and
+//! decode. Front ends (CLI) sit on top in `main.rs` and [`cli`].
+pub mod gguf;
+pub mod kernels;
+pub mod tokenizer;
+pub mod kv;
+pub mod model;

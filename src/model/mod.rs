@@ -1,0 +1,375 @@
+//! The decoder: weights named after their GGUF tensors, and one forward pass that
+//! serves llama, qwen2, qwen3 and gemma3 through the differences in [`Config`].
+//!
+//! Read [`Model::forward`] top to bottom: it is the whole model.
+mod config;
+
+pub use config::{Activation, Arch, Config};
+
+use std::path::Path;
+
+use crate::gguf::{GgufError, GgufFile};
+use crate::kernels::{self, matmul, rmsnorm, rmsnorm_inplace, rope, Activations, GgmlType, QMatrix};
+use crate::kv::{self, KvCache, KvShape};
+
+/// What can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("unsupported architecture '{0}' (supported: llama, qwen2, qwen3, gemma3)")]
+    UnsupportedArch(String),
+    #[error("model file lacks tensor '{0}'")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {got:?}, expected {expected:?}")]
+    BadShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("inconsistent model hyper-parameters: {0}")]
+    BadConfig(String),
+    #[error("token id {0} is outside the vocabulary")]
+    BadToken(u32),
+    #[error("context is full: {needed} tokens needed, the context holds {n_ctx} (raise -c)")]
+    ContextFull { needed: usize, n_ctx: usize },
+}
+
+/// A weight matrix: where it lies in the file, and its shape.
+#[derive(Debug, Clone)]
+struct Weight {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    offset: usize,
+    n_bytes: usize,
+}
+
+/// The weights of one transformer block.
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    wo: Weight,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    ffn_gate: Weight,
+    ffn_up: Weight,
+    ffn_down: Weight,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// Which positions of a batch need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token (generation).
+    Last,
+    /// Every token (perplexity, evaluation).
+    All,
+    /// None (prefill of a context that is continued later).
+    None,
+}
+
+/// A loaded model: the memory-mapped file and its configuration.
+pub struct Model {
+    pub config: Config,
+    file: GgufFile,
+    tok_embd: Weight,
+    output_norm: Vec<f32>,
+    output: Weight,
+    layers: Vec<Layer>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("config", &self.config).finish()
+    }
+}
+
+impl Model {
+    /// Open a GGUF file and check that it holds a complete, consistent model.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ModelError> {
+        Self::from_gguf(GgufFile::open(path)?)
+    }
+
+    pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {
+        kernels::init();
+        let c = Config::from_gguf(&file)?;
+        let (d, v, ff) = (c.n_embd, c.n_vocab, c.n_ff);
+        let (q_dim, k_dim, v_dim) = (
+            c.n_head * c.head_dim,
+            c.n_head_kv * c.head_dim,
+            c.n_head_kv * c.head_dim_v,
+        );
+        let w = |name: &str, cols: usize, rows: usize| weight(&file, name, cols, rows);
+        let vector = |name: &str, n: usize| vector(&file, name, n);
+        let opt_vector = |name: &str, n: usize| -> Result<Option<Vec<f32>>, ModelError> {
+            match file.tensor(name) {
+                None => Ok(None),
+                Some(_) => vector(name, n).map(Some),
+            }
+        };
+        let tok_embd = w("token_embd.weight", d, v)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => w("output.weight", d, v)?,
+            None => tok_embd.clone(),
+        };
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for il in 0..c.n_layer {
+            let n = |s: &str| format!("blk.{il}.{s}");
+            let need_if = |cond: bool, name: &str, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
+                if cond {
+                    vector(&n(name), len).map(Some)
+                } else {
+                    opt_vector(&n(name), len)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: vector(&n("attn_norm.weight"), d)?,
+                wq: w(&n("attn_q.weight"), d, q_dim)?,
+                wk: w(&n("attn_k.weight"), d, k_dim)?,
+                wv: w(&n("attn_v.weight"), d, v_dim)?,
+                wo: w(&n("attn_output.weight"), c.n_head * c.head_dim_v, d)?,
+                bq: need_if(c.qkv_bias, "attn_q.bias", q_dim)?,
+                bk: need_if(c.qkv_bias, "attn_k.bias", k_dim)?,
+                bv: need_if(c.qkv_bias, "attn_v.bias", v_dim)?,
+                q_norm: need_if(c.qk_norm, "attn_q_norm.weight", c.head_dim)?,
+                k_norm: need_if(c.qk_norm, "attn_k_norm.weight", c.head_dim)?,
+                post_attn_norm: need_if(c.post_norms, "post_attention_norm.weight", d)?,
+                ffn_norm: vector(&n("ffn_norm.weight"), d)?,
+                ffn_gate: w(&n("ffn_gate.weight"), d, ff)?,
+                ffn_up: w(&n("ffn_up.weight"), d, ff)?,
+                ffn_down: w(&n("ffn_down.weight"), ff, d)?,
+                post_ffn_norm: need_if(c.post_norms, "post_ffw_norm.weight", d)?,
+            });
+        }
+        Ok(Self {
+            output_norm: vector("output_norm.weight", d)?,
+            tok_embd,
+            output,
+            layers,
+            config: c,
+            file,
+        })
+    }
+
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    /// The shape of a KV cache for this model.
+    pub fn kv_shape(&self) -> KvShape {
+        let c = &self.config;
+        KvShape {
+            n_layer: c.n_layer,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim,
+            head_dim_v: c.head_dim_v,
+            windows: (0..c.n_layer)
+                .map(|il| c.is_swa(il).then_some(c.sliding_window).flatten())
+                .collect(),
+        }
+    }
+
+    /// A fresh, empty cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.kv_shape())
+    }
+
+    /// Bytes of weights (the whole mapped file's tensor data).
+    pub fn weight_bytes(&self) -> usize {
+        self.file.tensors().iter().map(|t| t.n_bytes).sum()
+    }
+
+    /// Number of parameters.
+    pub fn n_params(&self) -> usize {
+        self.file.tensors().iter().map(|t| t.n_elements()).sum()
+    }
+
+    fn mat(&self, w: &Weight) -> QMatrix<'_> {
+        let data = self
+            .file
+            .tensor_bytes(w.offset, w.n_bytes)
+            .expect("weight bounds were checked at load");
+        QMatrix {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+            data,
+        }
+    }
+
+    /// Run `tokens` (positions continuing the cache) through the model, appending
+    /// their keys and values to `cache`. Returns logits as rows of `n_vocab`: one row
+    /// for [`Logits::Last`], one per token for [`Logits::All`], none for
+    /// [`Logits::None`].
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        n_ctx: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(ModelError::BadToken(bad));
+        }
+        if cache.n_seen() + n > n_ctx {
+            return Err(ModelError::ContextFull {
+                needed: cache.n_seen() + n,
+                n_ctx,
+            });
+        }
+        let d = c.n_embd;
+        let (nh, nkv, hd, hdv) = (c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v);
+        let pos: Vec<u32> = (0..n).map(|t| (cache.n_seen() + t) as u32).collect();
+
+        // Token embeddings.
+        let mut x = vec![0f32; n * d];
+        let embd = self.mat(&self.tok_embd);
+        for (t, &tok) in tokens.iter().enumerate() {
+            let row = &mut x[t * d..(t + 1) * d];
+            embd.dequantize_row(tok as usize, row);
+            if let Some(s) = c.embed_scale {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+        }
+
+        let mut xn = vec![0f32; n * d];
+        let mut q = vec![0f32; n * nh * hd];
+        let mut k = vec![0f32; n * nkv * hd];
+        let mut v = vec![0f32; n * nkv * hdv];
+        let mut attn = vec![0f32; n * nh * hdv];
+        let mut o = vec![0f32; n * d];
+        let mut gate = vec![0f32; n * c.n_ff];
+        let mut up = vec![0f32; n * c.n_ff];
+
+        for (il, l) in self.layers.iter().enumerate() {
+            // Attention block.
+            norm_rows(&x, &l.attn_norm, c.rms_eps, &mut xn, d);
+            let mut acts = Activations::new(&xn, n, d);
+            matmul(&self.mat(&l.wq), &mut acts, &mut q);
+            matmul(&self.mat(&l.wk), &mut acts, &mut k);
+            matmul(&self.mat(&l.wv), &mut acts, &mut v);
+            add_bias(&mut q, l.bq.as_deref());
+            add_bias(&mut k, l.bk.as_deref());
+            add_bias(&mut v, l.bv.as_deref());
+            let (base, scale) = if c.is_swa(il) {
+                (c.rope_base_swa, 1.0)
+            } else {
+                (c.rope_base, c.rope_freq_scale)
+            };
+            for (t, &p) in pos.iter().enumerate() {
+                for (heads, norm) in [(&mut q[t * nh * hd..(t + 1) * nh * hd], &l.q_norm), (&mut k[t * nkv * hd..(t + 1) * nkv * hd], &l.k_norm)] {
+                    for head in heads.chunks_exact_mut(hd) {
+                        if let Some(w) = norm {
+                            rmsnorm_inplace(head, w, c.rms_eps);
+                        }
+                        rope(head, p as f32, c.n_rot, base, scale, c.rope_style);
+                    }
+                }
+            }
+            cache.append(il, n, &k, &v);
+            kv::attention(&cache.layers[il], &cache.shape, nh, &q, &pos, c.attn_scale, &mut attn);
+            let mut acts = Activations::new(&attn, n, nh * hdv);
+            matmul(&self.mat(&l.wo), &mut acts, &mut o);
+            if let Some(w) = &l.post_attn_norm {
+                o.chunks_exact_mut(d).for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            // Feed-forward block.
+            norm_rows(&x, &l.ffn_norm, c.rms_eps, &mut xn, d);
+            let mut acts = Activations::new(&xn, n, d);
+            matmul(&self.mat(&l.ffn_gate), &mut acts, &mut gate);
+            matmul(&self.mat(&l.ffn_up), &mut acts, &mut up);
+            match c.activation {
+                Activation::SwiGlu => kernels::swiglu(&mut gate, &up),
+                Activation::GeGlu => kernels::geglu(&mut gate, &up),
+            }
+            let mut acts = Activations::new(&gate, n, c.n_ff);
+            matmul(&self.mat(&l.ffn_down), &mut acts, &mut o);
+            if let Some(w) = &l.post_ffn_norm {
+                o.chunks_exact_mut(d).for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        }
+        cache.advance(n);
+
+        // Output head, only for the rows that need logits.
+        let rows: &[f32] = match logits {
+            Logits::None => return Ok(Vec::new()),
+            Logits::Last => &x[(n - 1) * d..],
+            Logits::All => &x,
+        };
+        let m = rows.len() / d;
+        let mut normed = vec![0f32; m * d];
+        norm_rows(rows, &self.output_norm, c.rms_eps, &mut normed, d);
+        let mut out = vec![0f32; m * c.n_vocab];
+        matmul(&self.mat(&self.output), &mut Activations::new(&normed, m, d), &mut out);
+        if let Some(cap) = c.final_softcap {
+            out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
+        Ok(out)
+    }
+}
+
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], d: usize) {
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        rmsnorm(xr, w, eps, or);
+    }
+}
+
+fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
+    if let Some(b) = b {
+        for row in x.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(v, bv)| *v += bv);
+        }
+    }
+}
+
+/// A 2-D weight `name` with rows of `cols` values and `rows` rows.
+fn weight(f: &GgufFile, name: &str, cols: usize, rows: usize) -> Result<Weight, ModelError> {
+    let t = f
+        .tensor(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    let dims = &t.info.dims;
+    let ok = dims.len() == 2 && dims[0] == cols && dims[1] == rows
+        || dims.len() == 1 && rows == 1 && dims[0] == cols;
+    if !ok {
+        return Err(ModelError::BadShape {
+            name: name.to_string(),
+            expected: vec![cols, rows],
+            got: dims.clone(),
+        });
+    }
+    Ok(Weight {
+        ty: t.info.ty,
+        rows,
+        cols,
+        offset: t.info.offset,
+        n_bytes: t.info.n_bytes,
+    })
+}
+
+/// A 1-D tensor of `n` values, converted to f32.
+fn vector(f: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
+    let w = weight(f, name, n, 1)?;
+    let mut out = vec![0f32; n];
+    let data = f
+        .tensor_bytes(w.offset, w.n_bytes)
+        .expect("bounds checked at open");
+    w.ty.to_f32(data, &mut out);
+    Ok(out)
+}

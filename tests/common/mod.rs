@@ -1,0 +1,79 @@
+//! Helpers shared by the integration tests: where the models and data are, and how
+//! to compare two next-token distributions.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// Path of a reference model, or None (with a message saying why the test skips).
+pub fn model(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name);
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!(
+            "SKIP: {} not found; run `python3 models/fetch.py` first",
+            p.display()
+        );
+        None
+    }
+}
+
+/// A file under ../shared/data, or None (with a message saying why the test skips).
+pub fn shared_data(rel: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(rel);
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!(
+            "SKIP: {} not found (../shared is absent on this machine)",
+            p.display()
+        );
+        None
+    }
+}
+
+/// The WikiText-2 test split, if ../shared is present.
+pub fn wiki_text() -> Option<String> {
+    let p = shared_data("wikitext-2-raw/wiki.test.raw")?;
+    Some(std::fs::read_to_string(p).expect("wiki.test.raw is readable UTF-8"))
+}
+
+/// log-softmax of a row of logits, in f64.
+pub fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+/// KL(p || q) in nats between the softmax distributions of two logit rows.
+pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let lp = log_softmax(p_logits);
+    let lq = log_softmax(q_logits);
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
+pub fn argmax(x: &[f32]) -> usize {
+    fastkv::kernels::argmax(x)
+}
+
+/// Compare two runs' logits (rows of n_vocab): (fraction of equal top-1, mean KL).
+pub fn compare_logits(reference: &[f32], ours: &[f32], n_vocab: usize) -> (f64, f64) {
+    assert_eq!(reference.len(), ours.len(), "logit arrays differ in size");
+    let rows = reference.len() / n_vocab;
+    let mut same = 0;
+    let mut kl = 0.0;
+    for (r, o) in reference
+        .chunks_exact(n_vocab)
+        .zip(ours.chunks_exact(n_vocab))
+    {
+        same += (argmax(r) == argmax(o)) as usize;
+        kl += kl_divergence(r, o);
+    }
+    (same as f64 / rows as f64, kl / rows as f64)
+}
