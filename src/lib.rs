@@ -9,3 +9,7 @@ pub mod kernels;
 pub mod tokenizer;
 pub mod kv;
 pub mod model;
+pub mod cli;
+pub mod eval;
+pub mod sampling;
+pub mod session;

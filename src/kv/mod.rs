@@ -89,6 +89,31 @@ impl KvCache {
         self.n_seen = 0;
     }
 
+    /// Keep only the first `n` tokens (positions below `n`). Returns false, changing
+    /// nothing, when that is impossible: a sliding-window layer has already dropped
+    /// keys the next token would need.
+    pub fn truncate(&mut self, n: usize) -> bool {
+        if n >= self.n_seen {
+            return n == self.n_seen;
+        }
+        for l in &self.layers {
+            let Some(w) = l.window else { continue };
+            let needed_from = (n + 1).saturating_sub(w);
+            if l.heads.iter().any(|h| h.pos.first().is_some_and(|&p| p as usize > needed_from)) {
+                return false;
+            }
+        }
+        let (dk, dv) = (self.shape.head_dim, self.shape.head_dim_v);
+        for h in self.layers.iter_mut().flat_map(|l| &mut l.heads) {
+            let keep = h.pos.partition_point(|&p| (p as usize) < n);
+            h.pos.truncate(keep);
+            h.k.truncate(keep * dk);
+            h.v.truncate(keep * dv);
+        }
+        self.n_seen = n;
+        true
+    }
+
     /// Record that `n` more tokens have been processed (after all layers appended them),
     /// and drop what sliding-window layers no longer need.
     pub fn advance(&mut self, n: usize) {

@@ -1,0 +1,300 @@
+//! The `fastkv` command line: subcommands and flags named as llama.cpp names them.
+mod chat;
+mod inspect;
+mod perplexity;
+mod run;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::Model;
+use crate::sampling::{Sampler, SamplerParams};
+use crate::session::Session;
+use crate::tokenizer::{Detokenizer, Tokenizer};
+
+/// The model used when `-m` is not given (fetched by `python3 models/fetch.py`).
+pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Parser, Debug)]
+#[command(name = "fastkv", version, about = "CPU inference for GGUF models with learned KV-cache eviction")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt, streaming tokens as they are sampled.
+    Run(run::RunArgs),
+    /// Interactive multi-turn chat with the model's chat template.
+    Chat(chat::ChatArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Print a model's architecture, hyper-parameters, tokenizer and tensors.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Flags shared by every command that runs a model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<PathBuf>,
+    /// Number of threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Context size in tokens (0 = the model's training context).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    pub ctx_size: usize,
+}
+
+/// Sampling flags, with llama.cpp's names and defaults.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Temperature; 0 means greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temp: f32,
+    /// Top-k sampling (0 = off).
+    #[arg(long = "top-k", default_value_t = 40)]
+    pub top_k: usize,
+    /// Top-p (nucleus) sampling (1.0 = off).
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Min-p sampling (0.0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalty for repeating recent tokens (1.0 = off).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty considers.
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed (default: random).
+    #[arg(short = 's', long = "seed")]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> Result<SamplerParams> {
+        if !(self.temp.is_finite() && self.temp >= 0.0) {
+            bail!("--temp must be a number >= 0, got {}", self.temp);
+        }
+        if !(0.0..=1.0).contains(&self.top_p) || !(0.0..=1.0).contains(&self.min_p) {
+            bail!("--top-p and --min-p must lie in [0, 1]");
+        }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            bail!("--repeat-penalty must be > 0");
+        }
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        Ok(SamplerParams {
+            temp: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+        })
+    }
+}
+
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::chat(a),
+        Command::Perplexity(a) => perplexity::perplexity(a),
+        Command::Inspect(a) => inspect::inspect(a),
+    }
+}
+
+/// `-m`, or the default model: `$FASTKV_MODEL`, then `models/` in the current
+/// directory, then `models/` of the source tree this binary was built from.
+pub fn resolve_model(m: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = m {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("FASTKV_MODEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let candidates = [
+        PathBuf::from("models").join(DEFAULT_MODEL),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no model given (-m) and the default model {DEFAULT_MODEL} is not in models/; \
+                 fetch it with `python3 models/fetch.py`"
+            )
+        })
+}
+
+/// A model and its tokenizer, loaded per the shared flags.
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub path: PathBuf,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Loaded> {
+        if let Some(t) = self.threads {
+            if t == 0 {
+                bail!("-t/--threads must be at least 1");
+            }
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build_global()
+                .context("cannot start the thread pool")?;
+        }
+        let path = resolve_model(self.model.as_deref())?;
+        let model = Model::load(&path).with_context(|| format!("cannot load model {}", path.display()))?;
+        let tokenizer = Tokenizer::from_gguf(model.file())
+            .with_context(|| format!("cannot read the tokenizer of {}", path.display()))?;
+        if tokenizer.n_vocab() != model.config.n_vocab {
+            bail!(
+                "{}: tokenizer has {} tokens but the model {}",
+                path.display(),
+                tokenizer.n_vocab(),
+                model.config.n_vocab
+            );
+        }
+        Ok(Loaded {
+            model,
+            tokenizer,
+            path,
+        })
+    }
+
+    /// The context size to use (`-c 0` = the model's training context).
+    pub fn n_ctx(&self, model: &Model) -> usize {
+        if self.ctx_size == 0 {
+            model.config.n_ctx_train
+        } else {
+            self.ctx_size.min(model.config.n_ctx_train)
+        }
+    }
+}
+
+/// Timings and sizes of one generation, as `--stats-json` reports them.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct GenStats {
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    pub prompt_ms: f64,
+    pub gen_ms: f64,
+    pub prompt_tps: f64,
+    pub gen_tps: f64,
+    /// Peak bytes held by the KV cache.
+    pub kv_bytes: usize,
+    pub peak_rss_bytes: u64,
+    /// Tokens run through the model while generating (the last sampled one is not).
+    #[serde(skip)]
+    n_decoded: usize,
+}
+
+impl GenStats {
+    fn finish(&mut self, session: &Session) {
+        self.prompt_tps = rate(self.n_prompt, self.prompt_ms);
+        self.gen_tps = rate(self.n_decoded, self.gen_ms);
+        self.kv_bytes = session.peak_kv_bytes();
+        self.peak_rss_bytes = peak_rss_bytes();
+    }
+
+    pub fn print(&self) {
+        eprintln!(
+            "\nprompt: {} tokens in {:.1} ms ({:.2} tokens/s)\n\
+             generation: {} tokens in {:.1} ms ({:.2} tokens/s)\n\
+             peak KV cache: {:.2} MiB, peak RSS: {:.1} MiB",
+            self.n_prompt,
+            self.prompt_ms,
+            self.prompt_tps,
+            self.n_gen,
+            self.gen_ms,
+            self.gen_tps,
+            self.kv_bytes as f64 / (1 << 20) as f64,
+            self.peak_rss_bytes as f64 / (1 << 20) as f64,
+        );
+    }
+}
+
+fn rate(n: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        n as f64 * 1000.0 / ms
+    } else {
+        0.0
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes; 0 where unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Prefill `prompt` (reusing what the session holds), then sample up to `n_predict`
+/// tokens (None = until end of generation or a full context), calling `emit` with
+/// each piece of text as soon as it is complete UTF-8. Returns the generated ids.
+pub fn generate(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    sampler: &mut Sampler,
+    prompt: &[u32],
+    n_predict: Option<usize>,
+    stats: &mut GenStats,
+    mut emit: impl FnMut(&str) -> Result<()>,
+) -> Result<Vec<u32>> {
+    for &t in prompt {
+        sampler.accept(t);
+    }
+    let t0 = Instant::now();
+    let (mut logits, n_fed) = session.feed_reusing_prefix(prompt)?;
+    stats.prompt_ms += t0.elapsed().as_secs_f64() * 1e3;
+    stats.n_prompt += n_fed;
+
+    let mut out = Vec::new();
+    let mut detok = Detokenizer::new(tokenizer, false);
+    loop {
+        if n_predict.is_some_and(|n| out.len() >= n) {
+            break;
+        }
+        let tok = sampler.sample(&mut logits);
+        if tokenizer.is_eog(tok) {
+            break;
+        }
+        sampler.accept(tok);
+        out.push(tok);
+        emit(&detok.push(tok))?;
+        if session.tokens().len() >= session.n_ctx() {
+            eprintln!("\n[context full: {} tokens]", session.n_ctx());
+            break;
+        }
+        let t = Instant::now();
+        logits = session.feed(&[tok])?;
+        stats.gen_ms += t.elapsed().as_secs_f64() * 1e3;
+        stats.n_decoded += 1;
+    }
+    stats.n_gen += out.len();
+    emit(&detok.finish())?;
+    stats.finish(session);
+    Ok(out)
+}

@@ -1,0 +1,54 @@
+//! `fastkv perplexity`: llama.cpp's perplexity method on a text file.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::ModelArgs;
+use crate::eval;
+use crate::session::Session;
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text file to score (e.g. wikitext-2-raw/wiki.test.raw).
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Score at most this many chunks of -c tokens.
+    #[arg(long = "chunks")]
+    pub chunks: Option<usize>,
+    /// Write the result as JSON to this file.
+    #[arg(long = "json")]
+    pub json: Option<PathBuf>,
+}
+
+pub fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
+    let l = a.model.load()?;
+    let n_ctx = if a.model.ctx_size == 0 { 512 } else { a.model.n_ctx(&l.model) };
+    let tokens = l.tokenizer.encode(&text, l.tokenizer.add_bos(), false);
+    let bos = if l.tokenizer.add_bos() { l.tokenizer.bos() } else { None };
+    let available = tokens.len() / n_ctx;
+    let n_chunks = a.chunks.map_or(available, |c| c.min(available));
+    eprintln!("perplexity: {} tokens, {n_chunks} chunks of {n_ctx}", tokens.len());
+    let mut session = Session::new(&l.model, n_ctx);
+    let start = std::time::Instant::now();
+    let r = eval::perplexity(&tokens, n_ctx, a.chunks, bos, l.model.config.n_vocab, |i, chunk| {
+        session.clear();
+        let logits = session.feed_all_logits(chunk)?;
+        if i == 0 {
+            let s = start.elapsed().as_secs_f64();
+            eprintln!("perplexity: {s:.2} s per chunk, about {:.1} min in all", s * n_chunks as f64 / 60.0);
+        }
+        Ok(logits)
+    })?;
+    let running: Vec<String> = r.per_chunk.iter().enumerate().map(|(i, p)| format!("[{}]{p:.4}", i + 1)).collect();
+    println!("{}", running.join(","));
+    println!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_err);
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}

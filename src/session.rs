@@ -1,0 +1,115 @@
+//! A conversation with a model: the cache, the tokens it holds, and the
+//! prefill/decode loop. Front ends (CLI, server) drive a `Session`; the model never
+//! sees more than one call of `forward` at a time.
+use crate::kv::KvCache;
+use crate::model::{Logits, Model, ModelError};
+
+/// Default number of tokens per prefill call: large enough to amortise reading the
+/// weights, small enough to bound scratch memory.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
+/// A model together with a KV cache and the token ids the cache holds.
+pub struct Session<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    tokens: Vec<u32>,
+    n_ctx: usize,
+    prefill_chunk: usize,
+    peak_kv_bytes: usize,
+}
+
+impl<'m> Session<'m> {
+    /// A session with room for `n_ctx` tokens (capped at the model's training context).
+    pub fn new(model: &'m Model, n_ctx: usize) -> Self {
+        Self {
+            model,
+            cache: model.new_cache(),
+            tokens: Vec::new(),
+            n_ctx: n_ctx.clamp(1, model.config.n_ctx_train),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            peak_kv_bytes: 0,
+        }
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+    /// Tokens in the cache, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+    /// Bytes the KV cache holds now.
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+    /// The most bytes the KV cache has held.
+    pub fn peak_kv_bytes(&self) -> usize {
+        self.peak_kv_bytes
+    }
+
+    pub fn set_prefill_chunk(&mut self, n: usize) {
+        self.prefill_chunk = n.max(1);
+    }
+
+    /// Feed `tokens` after what the cache holds, in chunks; returns the logits of the
+    /// last token (empty if `tokens` is empty).
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let mut last = Vec::new();
+        let n_chunks = tokens.len().div_ceil(self.prefill_chunk);
+        for (i, chunk) in tokens.chunks(self.prefill_chunk).enumerate() {
+            let want = if i + 1 == n_chunks { Logits::Last } else { Logits::None };
+            last = self.forward(chunk, want)?;
+        }
+        Ok(last)
+    }
+
+    /// Feed `tokens` and return the logits of every one of them (n x n_vocab).
+    pub fn feed_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let mut all = Vec::with_capacity(tokens.len() * self.model.config.n_vocab);
+        for chunk in tokens.chunks(self.prefill_chunk) {
+            all.extend(self.forward(chunk, Logits::All)?);
+        }
+        Ok(all)
+    }
+
+    fn forward(&mut self, chunk: &[u32], logits: Logits) -> Result<Vec<f32>, ModelError> {
+        let out = self.model.forward(chunk, &mut self.cache, logits, self.n_ctx)?;
+        self.tokens.extend_from_slice(chunk);
+        self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
+        Ok(out)
+    }
+
+    /// Make the cache hold exactly `prompt`, reusing the longest common prefix with
+    /// what it holds already; returns the logits after `prompt` and how many tokens
+    /// had to be run. This is how chat avoids re-reading its history every turn.
+    pub fn feed_reusing_prefix(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize), ModelError> {
+        let mut common = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // The last prompt token must be run to produce logits.
+        if common == prompt.len() {
+            common = common.saturating_sub(1);
+        }
+        if !self.cache.truncate(common) {
+            self.cache.clear();
+            common = 0;
+        }
+        self.tokens.truncate(common);
+        Ok((self.feed(&prompt[common..])?, prompt.len() - common))
+    }
+
+    /// Forget everything.
+    pub fn clear(&mut self) {
+        self.cache.clear();
+        self.tokens.clear();
+    }
+}

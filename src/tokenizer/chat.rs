@@ -1,0 +1,241 @@
+//! Chat prompts: the model's own Jinja template (`tokenizer.chat_template`), or a
+//! plain-text fallback for models without one.
+//!
+//! Templates are rendered with `minijinja` in the setting Hugging Face's
+//! `apply_chat_template` uses (`trim_blocks` and `lstrip_blocks` on), with the usual
+//! variables: `messages` (a list of `{role, content}`), `add_generation_prompt`,
+//! `bos_token`, `eos_token`, and a `raise_exception(message)` function that turns into
+//! a [`TokenizerError::Template`]. Templates that call Python string methods
+//! (`.strip()`, `.startswith()`...) or `tojson` are not supported yet.
+//!
+//! The rendered text contains special tokens written out (`<|im_start|>`...): encode
+//! it with `parse_special = true`, and with `add_special = false` if the template
+//! already writes `bos_token`.
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use super::{Tokenizer, TokenizerError};
+use crate::gguf::GgufFile;
+
+/// One chat turn. `role` is usually "system", "user" or "assistant".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+/// A way to turn a conversation into prompt text.
+pub struct ChatTemplate {
+    kind: Kind,
+}
+
+struct Jinja {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+enum Kind {
+    Jinja(Box<Jinja>),
+    /// The template did not compile; rendering reports this error.
+    Broken(String),
+    Plain,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Jinja(_) => "jinja",
+            Kind::Broken(_) => "broken",
+            Kind::Plain => "plain",
+        };
+        f.debug_struct("ChatTemplate").field("kind", &kind).finish()
+    }
+}
+
+const TEMPLATE_NAME: &str = "chat_template";
+
+impl ChatTemplate {
+    /// The model's template, or `None` if its metadata has no `tokenizer.chat_template`.
+    /// A template that does not compile is still returned: [`ChatTemplate::render`]
+    /// reports the error.
+    pub fn from_gguf(gguf: &GgufFile, tokenizer: &Tokenizer) -> Option<ChatTemplate> {
+        let source = gguf.get_str("tokenizer.chat_template")?;
+        let text = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.token_text(id))
+                .unwrap_or_default()
+                .to_string()
+        };
+        let template = Self::new(source, &text(tokenizer.bos()), &text(tokenizer.eos()));
+        Some(template.unwrap_or_else(|e| ChatTemplate {
+            kind: Kind::Broken(e.to_string()),
+        }))
+    }
+
+    /// Compile a Jinja chat template; `bos_token` / `eos_token` are the texts the
+    /// template sees under those names.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TokenizerError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(template_error)?;
+        Ok(Self {
+            kind: Kind::Jinja(Box::new(Jinja {
+                env,
+                bos_token: bos_token.to_string(),
+                eos_token: eos_token.to_string(),
+            })),
+        })
+    }
+
+    /// The fallback for models without a template (base models such as Gemma 3 270M).
+    /// Each message becomes a line `Role: content` (role capitalised: `System`, `User`,
+    /// `Assistant`), and the generation prompt is `Assistant:` with no trailing space,
+    /// so the model's first token supplies it:
+    ///
+    /// ```text
+    /// User: What is 2+2?
+    /// Assistant: 4
+    /// User: And 3+3?
+    /// Assistant:
+    /// ```
+    pub fn plain() -> Self {
+        Self { kind: Kind::Plain }
+    }
+
+    /// True for [`ChatTemplate::plain`], so front ends can say that no model template is used.
+    pub fn is_fallback(&self) -> bool {
+        matches!(self.kind, Kind::Plain)
+    }
+
+    /// Render `messages`; with `add_generation_prompt`, end with the text that opens
+    /// the assistant's reply.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        match &self.kind {
+            Kind::Jinja(jinja) => {
+                let template = jinja
+                    .env
+                    .get_template(TEMPLATE_NAME)
+                    .map_err(template_error)?;
+                template
+                    .render(context! {
+                        messages => messages,
+                        add_generation_prompt => add_generation_prompt,
+                        bos_token => &jinja.bos_token,
+                        eos_token => &jinja.eos_token,
+                    })
+                    .map_err(template_error)
+            }
+            Kind::Broken(e) => Err(TokenizerError::Template(e.clone())),
+            Kind::Plain => Ok(render_plain(messages, add_generation_prompt)),
+        }
+    }
+}
+
+fn render_plain(messages: &[ChatMessage], add_generation_prompt: bool) -> String {
+    let mut out = String::new();
+    for m in messages {
+        out.push_str(&capitalize(&m.role));
+        out.push_str(": ");
+        out.push_str(&m.content);
+        out.push('\n');
+    }
+    if add_generation_prompt {
+        out.push_str("Assistant:");
+    }
+    out
+}
+
+fn capitalize(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) => c.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// minijinja errors carry the template line; keep the whole chain readable.
+fn template_error(e: Error) -> TokenizerError {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    TokenizerError::Template(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_format() {
+        let t = ChatTemplate::plain();
+        assert!(t.is_fallback());
+        let msgs = [
+            ChatMessage::user("Hi"),
+            ChatMessage::assistant("Hello!"),
+            ChatMessage::user("Bye"),
+        ];
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "User: Hi\nAssistant: Hello!\nUser: Bye\nAssistant:"
+        );
+        assert_eq!(t.render(&msgs[..1], false).unwrap(), "User: Hi\n");
+    }
+
+    #[test]
+    fn jinja_variables_and_errors() {
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}{{ eos_token }}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        assert!(!t.is_fallback());
+        assert_eq!(
+            t.render(&[ChatMessage::user("x")], true).unwrap(),
+            "<s>[user]x></s>"
+        );
+
+        let raising =
+            ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
+        let err = raising.render(&[], false).unwrap_err().to_string();
+        assert!(err.contains("roles must alternate"), "{err}");
+
+        assert!(matches!(
+            ChatTemplate::new("{% for m in messages %}", "", ""),
+            Err(TokenizerError::Template(_))
+        ));
+    }
+}
