@@ -34,3 +34,43 @@ fn smollm2_logits_match_llama_cpp() {
 fn gemma3_logits_match_llama_cpp() {
     agrees_with_llama_cpp(GEMMA3);
 }
+
+/// Greedy generation: 64 tokens from "The history of the printing press" equal
+/// llama.cpp's greedy output token for token.
+fn greedy_matches_llama_cpp(name: &str) {
+    let Some(path) = model(name) else { return };
+    let reference = RefModel::load(&path, false).unwrap();
+    let prompt = reference.tokenize("The history of the printing press", true, true);
+    let mut ctx = RefContext::new(&reference, RefContextParams::default()).unwrap();
+    let want: Vec<u32> = ctx.generate_greedy(&prompt, 64).unwrap().iter().map(|&t| t as u32).collect();
+
+    let model = Model::load(&path).unwrap();
+    let tokenizer = fastkv::tokenizer::Tokenizer::from_gguf(model.file()).unwrap();
+    let ids = tokenizer.encode("The history of the printing press", true, true);
+    assert_eq!(ids, prompt.iter().map(|&t| t as u32).collect::<Vec<_>>(), "prompt tokens differ");
+    let mut session = fastkv::session::Session::new(&model, 2048);
+    let mut logits = session.feed(&ids).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 64 {
+        let next = argmax(&logits) as u32;
+        if tokenizer.is_eog(next) {
+            break;
+        }
+        got.push(next);
+        logits = session.feed(&[next]).unwrap();
+    }
+    eprintln!("{name}: {}", tokenizer.decode(&got, false));
+    let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+    assert_eq!(got, want, "greedy outputs diverge after {same} tokens:\nours: {}\nllama.cpp: {}",
+        tokenizer.decode(&got, false), tokenizer.decode(&want, false));
+}
+
+#[test]
+fn smollm2_greedy_generation_matches_llama_cpp() {
+    greedy_matches_llama_cpp(SMOLLM2);
+}
+
+#[test]
+fn gemma3_greedy_generation_matches_llama_cpp() {
+    greedy_matches_llama_cpp(GEMMA3);
+}
