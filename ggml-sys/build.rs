@@ -17,7 +17,13 @@ fn main() {
         .canonicalize()
         .unwrap_or_else(|e| panic!("ggml include dir {} not found: {e}", include.display()));
 
-    let headers = ["ggml.h", "ggml-cpu.h", "ggml-backend.h", "ggml-alloc.h", "gguf.h"];
+    let headers = [
+        "ggml.h",
+        "ggml-cpu.h",
+        "ggml-backend.h",
+        "ggml-alloc.h",
+        "gguf.h",
+    ];
     let mut builder = bindgen::Builder::default()
         .clang_arg(format!("-I{}", include.display()))
         .allowlist_function("ggml_.*|gguf_.*")

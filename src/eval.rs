@@ -31,7 +31,9 @@ pub fn perplexity(
     mut eval_chunk: impl FnMut(usize, &[u32]) -> Result<Vec<f32>, ModelError>,
 ) -> Result<Perplexity, ModelError> {
     if n_ctx < 4 {
-        return Err(ModelError::BadConfig(format!("context {n_ctx} is too small for perplexity")));
+        return Err(ModelError::BadConfig(format!(
+            "context {n_ctx} is too small for perplexity"
+        )));
     }
     let available = tokens.len() / n_ctx;
     let n_chunks = max_chunks.map_or(available, |m| m.min(available));
@@ -50,7 +52,11 @@ pub fn perplexity(
             chunk[0] = b;
         }
         let logits = eval_chunk(i, &chunk)?;
-        assert_eq!(logits.len(), n_ctx * n_vocab, "eval_chunk must return all logits");
+        assert_eq!(
+            logits.len(),
+            n_ctx * n_vocab,
+            "eval_chunk must return all logits"
+        );
         for j in first..n_ctx - 1 {
             let row = &logits[j * n_vocab..(j + 1) * n_vocab];
             let lp = log_softmax_at(row, tokens[i * n_ctx + j + 1] as usize);
@@ -91,7 +97,10 @@ mod tests {
     #[test]
     fn uniform_model_has_vocab_perplexity() {
         let tokens: Vec<u32> = (0..64).map(|i| i % 5).collect();
-        let r = perplexity(&tokens, 16, None, Some(0), 5, |_, c| Ok(vec![0.0; c.len() * 5])).unwrap();
+        let r = perplexity(&tokens, 16, None, Some(0), 5, |_, c| {
+            Ok(vec![0.0; c.len() * 5])
+        })
+        .unwrap();
         assert_eq!(r.n_chunks, 4);
         assert_eq!(r.n_tokens_scored, 4 * 7);
         assert!((r.ppl - 5.0).abs() < 1e-9);

@@ -145,7 +145,7 @@ impl GgufFile {
                 name: t.name().to_string(),
                 type_id,
             })?;
-            if dims[0] as usize % ty.block_size() != 0 {
+            if !(dims[0] as usize).is_multiple_of(ty.block_size()) {
                 return Err(bad_dims());
             }
             let n_rows: u64 = dims[1..].iter().product();
@@ -246,7 +246,9 @@ impl GgufFile {
     }
 
     pub fn get_f32(&self, key: &str) -> Option<f32> {
-        self.value(key).and_then(MetadataValue::as_f64).map(|v| v as f32)
+        self.value(key)
+            .and_then(MetadataValue::as_f64)
+            .map(|v| v as f32)
     }
 
     pub fn get_bool(&self, key: &str) -> Option<bool> {
@@ -263,7 +265,9 @@ impl GgufFile {
     pub fn require_u64(&self, key: &str) -> Result<u64, GgufError> {
         match self.value(key) {
             None => Err(missing(key)),
-            Some(_) => self.get_u64(key).ok_or_else(|| wrong(key, "unsigned integer")),
+            Some(_) => self
+                .get_u64(key)
+                .ok_or_else(|| wrong(key, "unsigned integer")),
         }
     }
 

@@ -4,12 +4,12 @@
 //! [`model`] runs the decoder, [`kv`] holds the cache, [`tokenizer`] turns text
 //! into ids and back, [`sampling`] picks tokens, [`session`] drives prefill and
 //! decode. Front ends (CLI) sit on top in `main.rs` and [`cli`].
-pub mod gguf;
-pub mod kernels;
-pub mod tokenizer;
-pub mod kv;
-pub mod model;
 pub mod cli;
 pub mod eval;
+pub mod gguf;
+pub mod kernels;
+pub mod kv;
+pub mod model;
 pub mod sampling;
 pub mod session;
+pub mod tokenizer;

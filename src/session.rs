@@ -63,7 +63,11 @@ impl<'m> Session<'m> {
         let mut last = Vec::new();
         let n_chunks = tokens.len().div_ceil(self.prefill_chunk);
         for (i, chunk) in tokens.chunks(self.prefill_chunk).enumerate() {
-            let want = if i + 1 == n_chunks { Logits::Last } else { Logits::None };
+            let want = if i + 1 == n_chunks {
+                Logits::Last
+            } else {
+                Logits::None
+            };
             last = self.forward(chunk, want)?;
         }
         Ok(last)
@@ -79,7 +83,9 @@ impl<'m> Session<'m> {
     }
 
     fn forward(&mut self, chunk: &[u32], logits: Logits) -> Result<Vec<f32>, ModelError> {
-        let out = self.model.forward(chunk, &mut self.cache, logits, self.n_ctx)?;
+        let out = self
+            .model
+            .forward(chunk, &mut self.cache, logits, self.n_ctx)?;
         self.tokens.extend_from_slice(chunk);
         self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
         Ok(out)

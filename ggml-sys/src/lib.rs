@@ -3,7 +3,12 @@
 //! reference implementation built from the same ggml source.
 //!
 //! Everything here is `unsafe` FFI; safe wrappers live in `fastkv::kernels`.
-#![allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code)]
+#![allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code
+)]
 #![allow(clippy::all)]
 
 // The static libraries (ggml, ggml-base, ggml-cpu, llama) are linked by

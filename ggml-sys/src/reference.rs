@@ -211,7 +211,8 @@ impl<'m> RefContext<'m> {
                     *batch.pos.add(i) = (self.n_past + i) as i32;
                     *batch.n_seq_id.add(i) = 1;
                     **batch.seq_id.add(i) = 0;
-                    *batch.logits.add(i) = (all_logits || (last_chunk && i + 1 == chunk.len())) as i8;
+                    *batch.logits.add(i) =
+                        (all_logits || (last_chunk && i + 1 == chunk.len())) as i8;
                 }
                 batch.n_tokens = chunk.len() as i32;
                 let rc = ll::llama_decode(self.ctx.as_ptr(), batch);

@@ -42,7 +42,11 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let mut messages: Vec<ChatMessage> = a.system.iter().map(ChatMessage::system).collect();
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("chat with {} ({} tokens of context). /exit to quit, /reset to start over.", l.path.display(), session.n_ctx());
+        eprintln!(
+            "chat with {} ({} tokens of context). /exit to quit, /reset to start over.",
+            l.path.display(),
+            session.n_ctx()
+        );
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -71,19 +75,32 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         let add_bos = !bos_text.is_some_and(|b| rendered.starts_with(b));
         let prompt = l.tokenizer.encode(&rendered, add_bos, true);
         if prompt.len() >= session.n_ctx() {
-            eprintln!("the conversation no longer fits in {} tokens; use /reset or a larger -c", session.n_ctx());
+            eprintln!(
+                "the conversation no longer fits in {} tokens; use /reset or a larger -c",
+                session.n_ctx()
+            );
             messages.pop();
             continue;
         }
         let mut stats = GenStats::default();
         let mut out = std::io::stdout().lock();
-        let reply = generate(&mut session, &l.tokenizer, &mut sampler, &prompt, Some(a.n_predict), &mut stats, |piece| {
-            out.write_all(piece.as_bytes())?;
-            out.flush()?;
-            Ok(())
-        })?;
+        let reply = generate(
+            &mut session,
+            &l.tokenizer,
+            &mut sampler,
+            &prompt,
+            Some(a.n_predict),
+            &mut stats,
+            |piece| {
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+                Ok(())
+            },
+        )?;
         writeln!(out)?;
-        messages.push(ChatMessage::assistant(l.tokenizer.decode(&reply, false).trim()));
+        messages.push(ChatMessage::assistant(
+            l.tokenizer.decode(&reply, false).trim(),
+        ));
         if interactive {
             eprintln!(
                 "[{} new prompt tokens, {:.1} t/s; {} tokens, {:.1} t/s]",

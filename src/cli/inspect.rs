@@ -20,7 +20,12 @@ pub struct InspectArgs {
 pub fn inspect(a: InspectArgs) -> Result<()> {
     let path = super::resolve_model(a.model.as_deref())?;
     let f = GgufFile::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    println!("file: {} (GGUF v{}, {} bytes)", path.display(), f.version(), f.file_len());
+    println!(
+        "file: {} (GGUF v{}, {} bytes)",
+        path.display(),
+        f.version(),
+        f.file_len()
+    );
     println!("name: {}", f.get_str("general.name").unwrap_or("?"));
     match Config::from_gguf(&f) {
         Ok(c) => {
@@ -34,18 +39,28 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
                 c.rope_style,
                 c.rope_base,
                 c.n_rot,
-                if c.sliding_window.is_some() { format!(", base of local layers {}", c.rope_base_swa) } else { String::new() },
+                if c.sliding_window.is_some() {
+                    format!(", base of local layers {}", c.rope_base_swa)
+                } else {
+                    String::new()
+                },
                 c.rms_eps
             );
             if let Some(w) = c.sliding_window {
                 let local = c.swa_layers.iter().filter(|&&s| s).count();
-                println!("sliding window: {w} tokens in {local} of {} layers", c.n_layer);
+                println!(
+                    "sliding window: {w} tokens in {local} of {} layers",
+                    c.n_layer
+                );
             }
             println!(
                 "variant: qk_norm {}, qkv_bias {}, post_norms {}, activation {:?}, embed_scale {:?}",
                 c.qk_norm, c.qkv_bias, c.post_norms, c.activation, c.embed_scale
             );
-            println!("KV cache: {} bytes per token", c.kv_bytes_per_token_layer() * c.n_layer);
+            println!(
+                "KV cache: {} bytes per token",
+                c.kv_bytes_per_token_layer() * c.n_layer
+            );
         }
         Err(e) => println!("architecture: not runnable by fastkv ({e})"),
     }
@@ -60,23 +75,53 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         ),
         Err(e) => println!("tokenizer: unusable ({e})"),
     }
-    println!("chat template: {}", if f.get_str("tokenizer.chat_template").is_some() { "yes" } else { "none" });
+    println!(
+        "chat template: {}",
+        if f.get_str("tokenizer.chat_template").is_some() {
+            "yes"
+        } else {
+            "none"
+        }
+    );
     if a.metadata {
         println!("\nmetadata:");
         for k in f.keys() {
             let v = format!("{:?}", f.value(k).expect("key listed"));
             let short: String = v.chars().take(120).collect();
-            println!("  {k} = {short}{}", if v.len() > short.len() { " ..." } else { "" });
+            println!(
+                "  {k} = {short}{}",
+                if v.len() > short.len() { " ..." } else { "" }
+            );
         }
     }
-    println!("\n{:<40} {:>6} {:>20} {:>12}", "tensor", "type", "shape", "bytes");
+    println!(
+        "\n{:<40} {:>6} {:>20} {:>12}",
+        "tensor", "type", "shape", "bytes"
+    );
     let mut total = 0usize;
     for t in f.tensors() {
-        let shape = t.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" x ");
-        println!("{:<40} {:>6} {:>20} {:>12}", t.name, t.ty.name(), shape, t.n_bytes);
+        let shape = t
+            .dims
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(" x ");
+        println!(
+            "{:<40} {:>6} {:>20} {:>12}",
+            t.name,
+            t.ty.name(),
+            shape,
+            t.n_bytes
+        );
         total += t.n_bytes;
     }
     let params: usize = f.tensors().iter().map(|t| t.n_elements()).sum();
-    println!("{} tensors, {} parameters, {} bytes ({:.1} MiB)", f.tensors().len(), params, total, total as f64 / (1 << 20) as f64);
+    println!(
+        "{} tensors, {} parameters, {} bytes ({:.1} MiB)",
+        f.tensors().len(),
+        params,
+        total,
+        total as f64 / (1 << 20) as f64
+    );
     Ok(())
 }

@@ -19,7 +19,11 @@ use crate::tokenizer::{Detokenizer, Tokenizer};
 pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser, Debug)]
-#[command(name = "fastkv", version, about = "CPU inference for GGUF models with learned KV-cache eviction")]
+#[command(
+    name = "fastkv",
+    version,
+    about = "CPU inference for GGUF models with learned KV-cache eviction"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -127,7 +131,9 @@ pub fn resolve_model(m: Option<&Path>) -> Result<PathBuf> {
     }
     let candidates = [
         PathBuf::from("models").join(DEFAULT_MODEL),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(DEFAULT_MODEL),
     ];
     candidates
         .iter()
@@ -160,7 +166,8 @@ impl ModelArgs {
                 .context("cannot start the thread pool")?;
         }
         let path = resolve_model(self.model.as_deref())?;
-        let model = Model::load(&path).with_context(|| format!("cannot load model {}", path.display()))?;
+        let model =
+            Model::load(&path).with_context(|| format!("cannot load model {}", path.display()))?;
         let tokenizer = Tokenizer::from_gguf(model.file())
             .with_context(|| format!("cannot read the tokenizer of {}", path.display()))?;
         if tokenizer.n_vocab() != model.config.n_vocab {

@@ -24,26 +24,53 @@ pub struct PerplexityArgs {
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?;
     let l = a.model.load()?;
-    let n_ctx = if a.model.ctx_size == 0 { 512 } else { a.model.n_ctx(&l.model) };
+    let n_ctx = if a.model.ctx_size == 0 {
+        512
+    } else {
+        a.model.n_ctx(&l.model)
+    };
     let tokens = l.tokenizer.encode(&text, l.tokenizer.add_bos(), false);
-    let bos = if l.tokenizer.add_bos() { l.tokenizer.bos() } else { None };
+    let bos = if l.tokenizer.add_bos() {
+        l.tokenizer.bos()
+    } else {
+        None
+    };
     let available = tokens.len() / n_ctx;
     let n_chunks = a.chunks.map_or(available, |c| c.min(available));
-    eprintln!("perplexity: {} tokens, {n_chunks} chunks of {n_ctx}", tokens.len());
+    eprintln!(
+        "perplexity: {} tokens, {n_chunks} chunks of {n_ctx}",
+        tokens.len()
+    );
     let mut session = Session::new(&l.model, n_ctx);
     let start = std::time::Instant::now();
-    let r = eval::perplexity(&tokens, n_ctx, a.chunks, bos, l.model.config.n_vocab, |i, chunk| {
-        session.clear();
-        let logits = session.feed_all_logits(chunk)?;
-        if i == 0 {
-            let s = start.elapsed().as_secs_f64();
-            eprintln!("perplexity: {s:.2} s per chunk, about {:.1} min in all", s * n_chunks as f64 / 60.0);
-        }
-        Ok(logits)
-    })?;
-    let running: Vec<String> = r.per_chunk.iter().enumerate().map(|(i, p)| format!("[{}]{p:.4}", i + 1)).collect();
+    let r = eval::perplexity(
+        &tokens,
+        n_ctx,
+        a.chunks,
+        bos,
+        l.model.config.n_vocab,
+        |i, chunk| {
+            session.clear();
+            let logits = session.feed_all_logits(chunk)?;
+            if i == 0 {
+                let s = start.elapsed().as_secs_f64();
+                eprintln!(
+                    "perplexity: {s:.2} s per chunk, about {:.1} min in all",
+                    s * n_chunks as f64 / 60.0
+                );
+            }
+            Ok(logits)
+        },
+    )?;
+    let running: Vec<String> = r
+        .per_chunk
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("[{}]{p:.4}", i + 1))
+        .collect();
     println!("{}", running.join(","));
     println!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_err);
     if let Some(path) = &a.json {

@@ -69,11 +69,19 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let mut sampler = Sampler::new(params);
     let mut stats = GenStats::default();
-    generate(&mut session, &l.tokenizer, &mut sampler, &tokens, n_predict, &mut stats, |piece| {
-        out.write_all(piece.as_bytes())?;
-        out.flush()?;
-        Ok(())
-    })?;
+    generate(
+        &mut session,
+        &l.tokenizer,
+        &mut sampler,
+        &tokens,
+        n_predict,
+        &mut stats,
+        |piece| {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
+            Ok(())
+        },
+    )?;
     writeln!(out)?;
     stats.print();
     if let Some(path) = &a.stats_json {

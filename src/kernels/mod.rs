@@ -27,12 +27,14 @@ pub struct QMatrix<'a> {
 impl<'a> QMatrix<'a> {
     /// Wrap raw bytes; errors if the size does not match the shape.
     pub fn new(ty: GgmlType, cols: usize, rows: usize, data: &'a [u8]) -> Option<Self> {
-        (cols % ty.block_size() == 0 && ty.row_bytes(cols) * rows == data.len()).then_some(Self {
-            ty,
-            rows,
-            cols,
-            data,
-        })
+        (cols.is_multiple_of(ty.block_size()) && ty.row_bytes(cols) * rows == data.len()).then_some(
+            Self {
+                ty,
+                rows,
+                cols,
+                data,
+            },
+        )
     }
 
     pub fn row_bytes(&self) -> usize {
@@ -104,6 +106,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// A method (not field access) so closures capture the whole `Send` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `out[t * w.rows + r] = dot(w.row(r), x.row(t))` for every token `t` and weight row
 /// `r`, i.e. `out = x · wᵀ`, in parallel over blocks of weight rows (each block is
 /// read once from memory and used for every token while it is in cache).
@@ -121,7 +130,6 @@ pub fn matmul(w: &QMatrix, x: &mut Activations, out: &mut [f32]) {
     let out_ptr = OutPtr(out.as_mut_ptr());
     let vec_dot = w.ty.vec_dot();
     (0..rows.div_ceil(block)).into_par_iter().for_each(|b| {
-        let out_ptr = out_ptr;
         let r0 = b * block;
         let r1 = (r0 + block).min(rows);
         for t in 0..n {
@@ -145,7 +153,7 @@ pub fn matmul(w: &QMatrix, x: &mut Activations, out: &mut [f32]) {
                 };
                 // SAFETY: index < n * rows == out.len(); each (t, r) is written by
                 // exactly one task because row blocks are disjoint.
-                unsafe { *out_ptr.0.add(t * rows + r) = s };
+                unsafe { *out_ptr.get().add(t * rows + r) = s };
             }
         }
     });

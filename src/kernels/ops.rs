@@ -224,7 +224,10 @@ mod tests {
         for i in 0..2000 {
             let x = -(i as f32) * 0.05;
             let (got, want) = (softmax_exp(x), x.exp());
-            assert!((got - want).abs() <= want * 4e-7, "exp({x}) = {got}, want {want}");
+            assert!(
+                (got - want).abs() <= want * 4e-7,
+                "exp({x}) = {got}, want {want}"
+            );
         }
         assert_eq!(softmax_exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(softmax_exp(-200.0), 0.0);

@@ -50,7 +50,9 @@ impl GgmlType {
                 && c.vec_dot.is_some()
                 && dot_ty < sys::GGML_TYPE_COUNT
                 && (dot_ty == sys::GGML_TYPE_F32
-                    || (*sys::ggml_get_type_traits_cpu(dot_ty)).from_float.is_some());
+                    || (*sys::ggml_get_type_traits_cpu(dot_ty))
+                        .from_float
+                        .is_some());
             (usable || id == sys::GGML_TYPE_F32).then_some(Self(id))
         }
     }
@@ -103,7 +105,9 @@ impl GgmlType {
         Self(self.cpu_traits().vec_dot_type)
     }
 
-    pub(super) fn vec_dot(self) -> unsafe extern "C" fn(
+    pub(super) fn vec_dot(
+        self,
+    ) -> unsafe extern "C" fn(
         i32,
         *mut f32,
         usize,
@@ -120,7 +124,11 @@ impl GgmlType {
 
     /// Convert one row of f32 into this type (`dst` is `row_bytes(src.len())`).
     pub fn from_f32(self, src: &[f32], dst: &mut [u8]) {
-        assert_eq!(dst.len(), self.row_bytes(src.len()), "from_f32: size mismatch");
+        assert_eq!(
+            dst.len(),
+            self.row_bytes(src.len()),
+            "from_f32: size mismatch"
+        );
         if self == Self::F32 {
             dst.copy_from_slice(super::bytes_of(src));
             return;
@@ -137,7 +145,11 @@ impl GgmlType {
 
     /// Convert one row of this type into f32 (`src` is `row_bytes(dst.len())`).
     pub fn to_f32(self, src: &[u8], dst: &mut [f32]) {
-        assert_eq!(src.len(), self.row_bytes(dst.len()), "to_f32: size mismatch");
+        assert_eq!(
+            src.len(),
+            self.row_bytes(dst.len()),
+            "to_f32: size mismatch"
+        );
         if self == Self::F32 {
             // Bytes from a file need not be 4-aligned: read them one value at a time.
             for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {

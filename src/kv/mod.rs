@@ -99,7 +99,10 @@ impl KvCache {
         for l in &self.layers {
             let Some(w) = l.window else { continue };
             let needed_from = (n + 1).saturating_sub(w);
-            if l.heads.iter().any(|h| h.pos.first().is_some_and(|&p| p as usize > needed_from)) {
+            if l.heads
+                .iter()
+                .any(|h| h.pos.first().is_some_and(|&p| p as usize > needed_from))
+            {
                 return false;
             }
         }
@@ -147,7 +150,11 @@ impl KvCache {
     /// Append keys and values of `n` tokens (positions `n_seen..n_seen+n`) to layer `il`.
     /// `k` is n x n_head_kv x head_dim, `v` is n x n_head_kv x head_dim_v (f32).
     pub fn append(&mut self, il: usize, n: usize, k: &[f32], v: &[f32]) {
-        let (hk, dk, dv) = (self.shape.n_head_kv, self.shape.head_dim, self.shape.head_dim_v);
+        let (hk, dk, dv) = (
+            self.shape.n_head_kv,
+            self.shape.head_dim,
+            self.shape.head_dim_v,
+        );
         let start = self.n_seen;
         for (h, head) in self.layers[il].heads.iter_mut().enumerate() {
             head.k.reserve(n * dk);

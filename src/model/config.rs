@@ -126,7 +126,9 @@ impl Config {
         let head_dim = opt("attention.key_length")?.unwrap_or(n_embd / n_head);
         let head_dim_v = opt("attention.value_length")?.unwrap_or(head_dim);
         if head_dim % 2 != 0 {
-            return Err(ModelError::BadConfig(format!("head dimension {head_dim} is odd")));
+            return Err(ModelError::BadConfig(format!(
+                "head dimension {head_dim} is odd"
+            )));
         }
         let n_rot = opt("rope.dimension_count")?.unwrap_or(head_dim);
         if n_rot > head_dim || n_rot % 2 != 0 {
@@ -136,7 +138,9 @@ impl Config {
         }
         let rms_eps = f.require_f32(&key("attention.layer_norm_rms_epsilon"))?;
         if !(rms_eps > 0.0 && rms_eps < 1.0) {
-            return Err(ModelError::BadConfig(format!("RMS epsilon {rms_eps} is out of range")));
+            return Err(ModelError::BadConfig(format!(
+                "RMS epsilon {rms_eps} is out of range"
+            )));
         }
         let positive = |k: &str, default: f32| -> Result<f32, ModelError> {
             match f.value(&key(k)) {
@@ -146,7 +150,10 @@ impl Config {
                     if v.is_finite() && v > 0.0 {
                         Ok(v)
                     } else {
-                        Err(ModelError::BadConfig(format!("{} = {v} is out of range", key(k))))
+                        Err(ModelError::BadConfig(format!(
+                            "{} = {v} is out of range",
+                            key(k)
+                        )))
                     }
                 }
             }
@@ -211,7 +218,10 @@ impl Config {
                     cfg.swa_layers = (0..n_layer).map(|il| il % pattern < pattern - 1).collect();
                     cfg.rope_base_swa = positive("rope.freq_base_swa", 10000.0)?;
                 }
-                if let Some(c) = f.get_f32(&key("final_logit_softcapping")).filter(|&c| c > 0.0) {
+                if let Some(c) = f
+                    .get_f32(&key("final_logit_softcapping"))
+                    .filter(|&c| c > 0.0)
+                {
                     cfg.final_softcap = Some(c);
                 }
             }

@@ -9,7 +9,9 @@ pub use config::{Activation, Arch, Config};
 use std::path::Path;
 
 use crate::gguf::{GgufError, GgufFile};
-use crate::kernels::{self, matmul, rmsnorm, rmsnorm_inplace, rope, Activations, GgmlType, QMatrix};
+use crate::kernels::{
+    self, matmul, rmsnorm, rmsnorm_inplace, rope, Activations, GgmlType, QMatrix,
+};
 use crate::kv::{self, KvCache, KvShape};
 
 /// What can go wrong loading or running a model.
@@ -89,7 +91,9 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("config", &self.config).finish()
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -124,13 +128,14 @@ impl Model {
         let mut layers = Vec::with_capacity(c.n_layer);
         for il in 0..c.n_layer {
             let n = |s: &str| format!("blk.{il}.{s}");
-            let need_if = |cond: bool, name: &str, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
-                if cond {
-                    vector(&n(name), len).map(Some)
-                } else {
-                    opt_vector(&n(name), len)
-                }
-            };
+            let need_if =
+                |cond: bool, name: &str, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
+                    if cond {
+                        vector(&n(name), len).map(Some)
+                    } else {
+                        opt_vector(&n(name), len)
+                    }
+                };
             layers.push(Layer {
                 attn_norm: vector(&n("attn_norm.weight"), d)?,
                 wq: w(&n("attn_q.weight"), d, q_dim)?,
@@ -271,7 +276,10 @@ impl Model {
                 (c.rope_base, c.rope_freq_scale)
             };
             for (t, &p) in pos.iter().enumerate() {
-                for (heads, norm) in [(&mut q[t * nh * hd..(t + 1) * nh * hd], &l.q_norm), (&mut k[t * nkv * hd..(t + 1) * nkv * hd], &l.k_norm)] {
+                for (heads, norm) in [
+                    (&mut q[t * nh * hd..(t + 1) * nh * hd], &l.q_norm),
+                    (&mut k[t * nkv * hd..(t + 1) * nkv * hd], &l.k_norm),
+                ] {
                     for head in heads.chunks_exact_mut(hd) {
                         if let Some(w) = norm {
                             rmsnorm_inplace(head, w, c.rms_eps);
@@ -281,11 +289,20 @@ impl Model {
                 }
             }
             cache.append(il, n, &k, &v);
-            kv::attention(&cache.layers[il], &cache.shape, nh, &q, &pos, c.attn_scale, &mut attn);
+            kv::attention(
+                &cache.layers[il],
+                &cache.shape,
+                nh,
+                &q,
+                &pos,
+                c.attn_scale,
+                &mut attn,
+            );
             let mut acts = Activations::new(&attn, n, nh * hdv);
             matmul(&self.mat(&l.wo), &mut acts, &mut o);
             if let Some(w) = &l.post_attn_norm {
-                o.chunks_exact_mut(d).for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));
+                o.chunks_exact_mut(d)
+                    .for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
@@ -301,7 +318,8 @@ impl Model {
             let mut acts = Activations::new(&gate, n, c.n_ff);
             matmul(&self.mat(&l.ffn_down), &mut acts, &mut o);
             if let Some(w) = &l.post_ffn_norm {
-                o.chunks_exact_mut(d).for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));
+                o.chunks_exact_mut(d)
+                    .for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
@@ -317,7 +335,11 @@ impl Model {
         let mut normed = vec![0f32; m * d];
         norm_rows(rows, &self.output_norm, c.rms_eps, &mut normed, d);
         let mut out = vec![0f32; m * c.n_vocab];
-        matmul(&self.mat(&self.output), &mut Activations::new(&normed, m, d), &mut out);
+        matmul(
+            &self.mat(&self.output),
+            &mut Activations::new(&normed, m, d),
+            &mut out,
+        );
         if let Some(cap) = c.final_softcap {
             out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }

@@ -3,9 +3,9 @@
 //! The vocabulary comes from GGUF metadata (`tokenizer.ggml.*`). Two families are
 //! supported, the ones small llama.cpp-style models use:
 //! - `gpt2`: byte-level BPE with merge rules and a regex pre-tokenizer chosen by
-//!   `tokenizer.ggml.pre` (SmolLM, Qwen 2, Llama 3...), see [`bpe`];
+//!   `tokenizer.ggml.pre` (SmolLM, Qwen 2, Llama 3...), see `bpe.rs`;
 //! - `llama`: SentencePiece-style merges driven by token scores, with `<0xXX>` byte
-//!   fallback (Llama 2, Gemma...), see [`spm`].
+//!   fallback (Llama 2, Gemma...), see `spm.rs`.
 //!
 //! Encoding first cuts special tokens out of the text (llama.cpp's
 //! `tokenizer_st_partition`), tokenizes the text between them, and adds BOS/EOS as the
@@ -17,7 +17,8 @@
 //! Known differences from llama.cpp (none affects the supported models' ids):
 //! - when several tokens match one of llama.cpp's name lists for EOT/EOM/FIM ids and
 //!   the metadata gives none, llama.cpp takes the first in hash-map order; we take the
-//!   lowest id (the EOG set, which is what generation uses, is the same);
+//!   lowest id (the same choice for SmolLM2). The EOG set, which is what generation
+//!   uses, is the same either way;
 //! - per-model attribute tweaks keyed on `general.name` (Phi-3's rstrip, BERT masks)
 //!   are not applied;
 //! - a byte with no byte token in an SPM vocabulary becomes the unknown token (llama.cpp
@@ -340,6 +341,8 @@ fn read_vocab(gguf: &GgufFile) -> Result<Vocab, TokenizerError> {
 /// set. Generation must stop exactly where llama.cpp's would, so these mirror
 /// llama-vocab.cpp (`load`) step by step.
 fn apply_name_rules(vocab: &mut Vocab, ids: &mut SpecialIds) -> BTreeSet<u32> {
+    // llama.cpp takes the first match in hash-map order, which is unspecified; the
+    // lowest id is what it picks for SmolLM2 (`<|endoftext|>` over `<|im_end|>`).
     let first_named = |vocab: &Vocab, names: &[&str]| {
         (0..vocab.tokens.len() as u32)
             .find(|&id| names.contains(&vocab.tokens[id as usize].text.as_str()))
@@ -646,7 +649,9 @@ impl Tokenizer {
     /// Text of `ids` as bytes, as `llama_detokenize` with `remove_special = false`:
     /// with `add_space_prefix` the first token's leading space is dropped (it is the one
     /// encoding added), and BPE families with `clean_spaces` tidy spaces before
-    /// punctuation.
+    /// punctuation. So `decode(encode(s))` gives back `s` for the supported models,
+    /// except that SentencePiece writes spaces as "▁": a literal "▁" comes back as a
+    /// space (in llama.cpp too).
     pub fn decode_bytes(&self, ids: &[u32], special: bool) -> Vec<u8> {
         let mut out = Vec::new();
         for (i, &id) in ids.iter().enumerate() {
