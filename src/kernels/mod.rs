@@ -173,3 +173,88 @@ fn row_block(rows: usize, n_tokens: usize) -> usize {
 pub fn init() {
     types::init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every weight type the reference models use: the quantized product equals the
+    /// product of the dequantized weights with the activations (up to the activation
+    /// quantization), and is the same with 1 and 2 threads.
+    #[test]
+    fn matmul_matches_dequantized_reference_for_each_type() {
+        init();
+        let (cols, rows, n) = (256, 24, 3);
+        let w = pseudo_random(cols * rows, 1);
+        let x = pseudo_random(cols * n, 2);
+        let types = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ];
+        for ty in types {
+            let rb = ty.row_bytes(cols);
+            let mut data = vec![0u8; rb * rows];
+            for (r, dst) in data.chunks_exact_mut(rb).enumerate() {
+                ty.from_f32(&w[r * cols..(r + 1) * cols], dst);
+            }
+            let m = QMatrix::new(ty, cols, rows, &data).expect("shape");
+            let mut out = vec![0f32; n * rows];
+            matmul(&m, &mut Activations::new(&x, n, cols), &mut out);
+            let mut deq = vec![0f32; cols];
+            let mut worst = 0f32;
+            for r in 0..rows {
+                m.dequantize_row(r, &mut deq);
+                for t in 0..n {
+                    let want: f32 = deq.iter().zip(&x[t * cols..]).map(|(a, b)| a * b).sum();
+                    worst = worst.max((out[t * rows + r] - want).abs());
+                }
+            }
+            // Activations meet quantized weights as 8-bit values and f16 weights as f16.
+            let tol = match ty {
+                GgmlType::F32 => 1e-4,
+                GgmlType::F16 => 1e-2,
+                _ => 0.15,
+            };
+            assert!(worst < tol, "{ty}: worst error {worst}");
+
+            let single = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let mut out1 = vec![0f32; n * rows];
+            single.install(|| matmul(&m, &mut Activations::new(&x, n, cols), &mut out1));
+            assert_eq!(out, out1, "{ty}: result depends on the thread count");
+        }
+    }
+
+    #[test]
+    fn type_sizes_come_from_ggml() {
+        assert_eq!(GgmlType::Q4_0.block_size(), 32);
+        assert_eq!(GgmlType::Q4_0.type_size(), 18);
+        assert_eq!(GgmlType::Q4_K.row_bytes(256), 144);
+        assert_eq!(GgmlType::Q4_1.vec_dot_type().name(), "q8_1");
+        assert_eq!(GgmlType::Q4_K.vec_dot_type().name(), "q8_K");
+        assert_eq!(GgmlType::F16.name(), "f16");
+        assert!(GgmlType::from_id(4).is_none(), "removed type Q4_2");
+        assert!(GgmlType::from_id(10_000).is_none());
+        assert!(QMatrix::new(GgmlType::Q4_0, 31, 1, &[0; 18]).is_none());
+    }
+}

@@ -221,7 +221,8 @@ mod tests {
 
     #[test]
     fn softmax_exp_is_accurate() {
-        for i in 0..2000 {
+        // Normal results (down to exp(-87)); below that only absolute accuracy matters.
+        for i in 0..1740 {
             let x = -(i as f32) * 0.05;
             let (got, want) = (softmax_exp(x), x.exp());
             assert!(
@@ -229,6 +230,7 @@ mod tests {
                 "exp({x}) = {got}, want {want}"
             );
         }
+        assert!(softmax_exp(-100.0) < 1e-40);
         assert_eq!(softmax_exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(softmax_exp(-200.0), 0.0);
         let mut v = [0.0, -1.0, -2.0, f32::NEG_INFINITY, 0.0, -0.5, -3.0, -4.0];
