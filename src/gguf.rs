@@ -30,7 +30,7 @@ pub enum GgufError {
     BadMagic { path: PathBuf },
     #[error("{path}: unsupported GGUF version {version} (supported: 2 and 3)")]
     UnsupportedVersion { path: PathBuf, version: u32 },
-    #[error("{path} is truncated: the file ends inside its header, metadata or tensor table")]
+    #[error("{path} is truncated: the file ends before the data its header describes (re-download or re-convert it)")]
     Truncated { path: PathBuf },
     #[error("{path}: malformed GGUF: {detail}")]
     Malformed { path: PathBuf, detail: String },
