@@ -185,7 +185,7 @@ fn bad_input_gives_errors_not_panics() {
             "threads",
         );
         assert_clean_error(
-            &fastkv(&["run", "-m", p, "-p", "hi", "--temp", "-1"], None),
+            &fastkv(&["run", "-m", p, "-p", "hi", "--temp=-1"], None),
             "--temp",
         );
         assert_clean_error(
