@@ -4,10 +4,13 @@
 //! attention reads each list as it is, using the stored positions for masking.
 //!
 //! Sliding-window layers keep only the last `window` tokens.
-use half::f16;
-use rayon::prelude::*;
+mod attention;
 
-use crate::kernels::{softmax_exp8, to_f16};
+pub use attention::attention;
+
+use half::f16;
+
+use crate::kernels::to_f16;
 
 /// Keys, values and positions of one (layer, KV head), in position order.
 #[derive(Debug, Clone, Default)]
@@ -172,94 +175,4 @@ impl KvCache {
             }
         }
     }
-}
-
-/// Keys per tile of the attention kernel (llama.cpp's CPU flash attention uses 64).
-const KV_TILE: usize = 64;
-
-/// Causal attention of `n` query tokens (positions `q_pos[t]`) over layer `layer`.
-/// `q` is n x n_head x head_dim; `out` is n x n_head x head_dim_v.
-///
-/// Each query head reads the list of its KV head (`n_head / n_head_kv` query heads
-/// share one); a key is visible when its position is at most the query's and, in
-/// sliding-window layers, within the window.
-///
-/// The kernel is a tiled online softmax in f32, in exactly the arithmetic order of
-/// llama.cpp's CPU flash attention for prompt batches (tiles of 64 keys, fused
-/// multiply-adds, its exp approximation), so fastkv and llama.cpp agree bit for bit
-/// on the same cache. Values are accumulated in f32 (llama.cpp's single-token path
-/// accumulates in f16; we keep the more accurate f32 everywhere).
-pub fn attention(
-    layer: &LayerKv,
-    shape: &KvShape,
-    n_head: usize,
-    q: &[f32],
-    q_pos: &[u32],
-    kq_scale: f32,
-    out: &mut [f32],
-) {
-    let (dk, dv) = (shape.head_dim, shape.head_dim_v);
-    let gqa = n_head / shape.n_head_kv;
-    out.par_chunks_mut(dv).enumerate().for_each_init(
-        || (vec![0f32; dk * KV_TILE], [0f32; KV_TILE]),
-        |(kt, scores), (i, o)| {
-            let (t, h) = (i / n_head, i % n_head);
-            let head = &layer.heads[h / gqa];
-            let p = q_pos[t] as u64;
-            let end = head.pos.partition_point(|&kp| kp as u64 <= p);
-            let start = match layer.window {
-                Some(w) => head.pos[..end].partition_point(|&kp| kp as u64 + w as u64 <= p),
-                None => 0,
-            };
-            let qh = &q[i * dk..(i + 1) * dk];
-            let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
-            o.fill(0.0);
-            // Tiles are aligned on list indices, as llama.cpp's are on cache cells.
-            for t0 in (start / KV_TILE * KV_TILE..end).step_by(KV_TILE) {
-                let (j0, j1) = (t0.max(start), (t0 + KV_TILE).min(end));
-                // Scores: keys transposed to f32 so the dot products run across keys.
-                scores.fill(f32::NEG_INFINITY);
-                let cols = j1 - j0;
-                for (c, j) in (j0..j1).enumerate() {
-                    for (d, kv) in head.k[j * dk..(j + 1) * dk].iter().enumerate() {
-                        kt[d * KV_TILE + c] = kv.to_f32();
-                    }
-                }
-                let mut acc = [0f32; KV_TILE];
-                for (d, &qd) in qh.iter().enumerate() {
-                    let krow = &kt[d * KV_TILE..d * KV_TILE + cols];
-                    for (a, &kv) in acc[..cols].iter_mut().zip(krow) {
-                        *a = qd.mul_add(kv, *a);
-                    }
-                }
-                let off = j0 - t0;
-                for c in 0..cols {
-                    scores[off + c] = acc[c] * kq_scale;
-                }
-                // Online softmax over the tile.
-                let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let m_new = m.max(tile_max);
-                if m_new > m {
-                    let ms = (m - m_new).exp();
-                    o.iter_mut().for_each(|v| *v *= ms);
-                    sum *= ms;
-                }
-                m = m_new;
-                let mut tile_sum = 0f64;
-                for block in scores.chunks_exact_mut(8) {
-                    let block: &mut [f32; 8] = block.try_into().expect("8 values");
-                    tile_sum += softmax_exp8(block, m) as f64;
-                }
-                sum = (sum as f64 + tile_sum) as f32;
-                for j in j0..j1 {
-                    let w = scores[j - t0];
-                    for (y, x) in o.iter_mut().zip(&head.v[j * dv..(j + 1) * dv]) {
-                        *y = w.mul_add(x.to_f32(), *y);
-                    }
-                }
-            }
-            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-            o.iter_mut().for_each(|v| *v *= inv);
-        },
-    );
 }

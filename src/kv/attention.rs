@@ -1,0 +1,162 @@
+//! Causal attention over the ragged cache.
+use rayon::prelude::*;
+
+use super::{HeadKv, KvShape, LayerKv};
+use crate::kernels::softmax_exp8;
+
+/// Keys per tile (llama.cpp's CPU flash attention uses 64 as well).
+const KV_TILE: usize = 64;
+/// Tokens whose queries share one pass over the keys.
+const Q_BLOCK: usize = 16;
+
+/// Causal attention of `n` query tokens (positions `q_pos[t]`) over one layer.
+/// `q` is n x n_head x head_dim; `out` is n x n_head x head_dim_v.
+///
+/// Each query head reads the list of its KV head (`n_head / n_head_kv` query heads
+/// share one); a key is visible when its position is at most the query's and, in
+/// sliding-window layers, within the window.
+///
+/// The kernel is a tiled online softmax in f32 with the arithmetic of llama.cpp's
+/// CPU flash attention for prompt batches (tiles of 64 keys aligned on list indices,
+/// fused multiply-adds in the same order, the same exp approximation and sum
+/// order), so the two agree to the last bit or nearly. Work is split by KV head and
+/// blocks of tokens: each tile of keys and values is converted from f16 once and used
+/// by every query of the block. Values accumulate in f32 (llama.cpp's single-token
+/// path accumulates in f16; we keep the more accurate f32 everywhere).
+pub fn attention(
+    layer: &LayerKv,
+    shape: &KvShape,
+    n_head: usize,
+    q: &[f32],
+    q_pos: &[u32],
+    kq_scale: f32,
+    out: &mut [f32],
+) {
+    let (dk, dv) = (shape.head_dim, shape.head_dim_v);
+    let n = q_pos.len();
+    let gqa = n_head / shape.n_head_kv;
+    let n_blocks = n.div_ceil(Q_BLOCK);
+    // One result per (KV head, token block): its queries' outputs, written back below.
+    let results: Vec<Vec<f32>> = (0..shape.n_head_kv * n_blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (hk, b) = (task / n_blocks, task % n_blocks);
+            let tokens = b * Q_BLOCK..((b + 1) * Q_BLOCK).min(n);
+            let queries: Vec<(usize, usize)> = tokens
+                .flat_map(|t| (hk * gqa..(hk + 1) * gqa).map(move |h| (t, h)))
+                .collect();
+            let head = &layer.heads[hk];
+            let ranges: Vec<(usize, usize)> = queries
+                .iter()
+                .map(|&(t, _)| visible(head, layer.window, q_pos[t]))
+                .collect();
+            let qs: Vec<&[f32]> = queries
+                .iter()
+                .map(|&(t, h)| &q[(t * n_head + h) * dk..(t * n_head + h + 1) * dk])
+                .collect();
+            block_attention(head, dk, dv, &qs, &ranges, kq_scale)
+        })
+        .collect();
+    for (task, res) in results.iter().enumerate() {
+        let (hk, b) = (task / n_blocks, task % n_blocks);
+        let tokens = b * Q_BLOCK..((b + 1) * Q_BLOCK).min(n);
+        let mut chunks = res.chunks_exact(dv);
+        for t in tokens {
+            for h in hk * gqa..(hk + 1) * gqa {
+                let o = &mut out[(t * n_head + h) * dv..(t * n_head + h + 1) * dv];
+                o.copy_from_slice(chunks.next().expect("one output per query"));
+            }
+        }
+    }
+}
+
+/// The list indices a query at position `p` may attend to.
+fn visible(head: &HeadKv, window: Option<usize>, p: u32) -> (usize, usize) {
+    let p = p as u64;
+    let end = head.pos.partition_point(|&kp| kp as u64 <= p);
+    let start = match window {
+        Some(w) => head.pos[..end].partition_point(|&kp| kp as u64 + w as u64 <= p),
+        None => 0,
+    };
+    (start, end)
+}
+
+/// Attention of several queries over one KV head; query i sees keys `ranges[i]`.
+/// Returns the outputs, `dv` values per query.
+fn block_attention(
+    head: &HeadKv,
+    dk: usize,
+    dv: usize,
+    qs: &[&[f32]],
+    ranges: &[(usize, usize)],
+    kq_scale: f32,
+) -> Vec<f32> {
+    let nq = qs.len();
+    let mut out = vec![0f32; nq * dv];
+    let mut m = vec![f32::NEG_INFINITY; nq];
+    let mut sum = vec![0f32; nq];
+    let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+    let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    let mut kt = vec![0f32; dk * KV_TILE]; // keys of the tile, transposed
+    let mut vt = vec![0f32; KV_TILE * dv];
+    let mut scores = [0f32; KV_TILE];
+    for t0 in (lo / KV_TILE * KV_TILE..hi).step_by(KV_TILE) {
+        let (j0, j1) = (t0.max(lo), (t0 + KV_TILE).min(hi));
+        for j in j0..j1 {
+            let c = j - t0;
+            for (d, kv) in head.k[j * dk..(j + 1) * dk].iter().enumerate() {
+                kt[d * KV_TILE + c] = kv.to_f32();
+            }
+            let vrow = &mut vt[c * dv..(c + 1) * dv];
+            for (x, v) in vrow.iter_mut().zip(&head.v[j * dv..(j + 1) * dv]) {
+                *x = v.to_f32();
+            }
+        }
+        for (i, (&qh, &(start, end))) in qs.iter().zip(ranges).enumerate() {
+            let (a, b) = (t0.max(start), (t0 + KV_TILE).min(end));
+            if a >= b {
+                continue;
+            }
+            // Scores: dot products across keys, one fused multiply-add per dimension.
+            let mut acc = [0f32; KV_TILE];
+            let (ca, cb) = (a - t0, b - t0);
+            for (d, &qd) in qh.iter().enumerate() {
+                let krow = &kt[d * KV_TILE + ca..d * KV_TILE + cb];
+                for (s, &kv) in acc[ca..cb].iter_mut().zip(krow) {
+                    *s = qd.mul_add(kv, *s);
+                }
+            }
+            scores.fill(f32::NEG_INFINITY);
+            for c in ca..cb {
+                scores[c] = acc[c] * kq_scale;
+            }
+            // Online softmax over the tile.
+            let o = &mut out[i * dv..(i + 1) * dv];
+            let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m_new = m[i].max(tile_max);
+            if m_new > m[i] {
+                let ms = (m[i] - m_new).exp();
+                o.iter_mut().for_each(|v| *v *= ms);
+                sum[i] *= ms;
+            }
+            m[i] = m_new;
+            let mut tile_sum = 0f64;
+            for block in scores.chunks_exact_mut(8) {
+                let block: &mut [f32; 8] = block.try_into().expect("8 values");
+                tile_sum += softmax_exp8(block, m_new) as f64;
+            }
+            sum[i] = (sum[i] as f64 + tile_sum) as f32;
+            for c in ca..cb {
+                let w = scores[c];
+                for (y, &x) in o.iter_mut().zip(&vt[c * dv..(c + 1) * dv]) {
+                    *y = w.mul_add(x, *y);
+                }
+            }
+        }
+    }
+    for (o, &s) in out.chunks_exact_mut(dv).zip(&sum) {
+        let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+        o.iter_mut().for_each(|v| *v *= inv);
+    }
+    out
+}
