@@ -11,6 +11,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use gguf_rs_lib::prelude::{GGUFError, GGUFFileReader, Metadata, MetadataValue};
+use gguf_rs_lib::reader::GGUFReaderConfig;
 use memmap2::Mmap;
 
 use crate::kernels::GgmlType;
@@ -117,12 +118,23 @@ impl GgufFile {
             source,
         };
         let file = File::open(&path).map_err(open_err)?;
-        let file_len = file.metadata().map_err(open_err)?.len();
-        check_magic(&path, &file)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if meta.is_dir() {
+            return Err(open_err(std::io::Error::other(
+                "it is a directory, not a file",
+            )));
+        }
+        let file_len = meta.len();
+        check_header(&path, &file)?;
 
-        let reader =
-            GGUFFileReader::new(BufReader::new(&file)).map_err(|e| map_parse_error(&path, e))?;
-        let version = reader.header().version;
+        // Descriptor ranges are checked below, by us, so errors can name the tensor.
+        let config = GGUFReaderConfig {
+            validate_integrity: false,
+            ..Default::default()
+        };
+        let reader = GGUFFileReader::with_config(AsVersion3(BufReader::new(&file)), config)
+            .map_err(|e| map_parse_error(&path, e))?;
+        let version = read_version(&file).map_err(open_err)?;
         let data_start = reader.tensor_data_offset();
         let mut tensors = Vec::with_capacity(reader.tensor_count());
         for t in reader.tensor_infos() {
@@ -340,24 +352,76 @@ fn wrong(key: &str, expected: &'static str) -> GgufError {
     }
 }
 
-/// Check the magic number ourselves so "not a GGUF file" gets its own clear message.
-fn check_magic(path: &Path, file: &File) -> Result<(), GgufError> {
+/// Check magic number and version ourselves, so "not a GGUF file" and "unsupported
+/// version" get their own clear messages.
+fn check_header(path: &Path, file: &File) -> Result<(), GgufError> {
     use std::io::{Read, Seek};
-    let mut magic = [0u8; 4];
+    let mut head = [0u8; 8];
+    let mut n = 0;
     let mut f = file;
-    let read = f.read_exact(&mut magic);
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(GgufError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
     f.rewind().map_err(|source| GgufError::Open {
         path: path.to_path_buf(),
         source,
     })?;
-    match read {
-        Ok(()) if &magic == b"GGUF" => Ok(()),
-        Ok(()) => Err(GgufError::BadMagic {
-            path: path.to_path_buf(),
-        }),
-        Err(_) => Err(GgufError::Truncated {
-            path: path.to_path_buf(),
-        }),
+    let path = path.to_path_buf();
+    let magic_len = n.min(4);
+    if head[..magic_len] != b"GGUF"[..magic_len] {
+        return Err(GgufError::BadMagic { path });
+    }
+    if n < head.len() {
+        return Err(GgufError::Truncated { path });
+    }
+    match u32::from_le_bytes([head[4], head[5], head[6], head[7]]) {
+        2 | 3 => Ok(()),
+        version => Err(GgufError::UnsupportedVersion { path, version }),
+    }
+}
+
+fn read_version(file: &File) -> std::io::Result<u32> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = file;
+    let mut v = [0u8; 4];
+    f.seek(SeekFrom::Start(4))?;
+    f.read_exact(&mut v)?;
+    f.rewind()?;
+    Ok(u32::from_le_bytes(v))
+}
+
+/// GGUF versions 2 and 3 share one little-endian layout (3 only allows big-endian
+/// files, which carry their own version bytes). gguf-rs-lib accepts only 3, so files
+/// are read through this wrapper, which reports version 3 for a checked v2 file.
+struct AsVersion3<R>(R);
+
+impl<R: std::io::Read + std::io::Seek> std::io::Read for AsVersion3<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let start = self.0.stream_position()?;
+        let n = self.0.read(buf)?;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            let p = start + i as u64;
+            if (4..8).contains(&p) {
+                *b = 3u32.to_le_bytes()[(p - 4) as usize];
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl<R: std::io::Seek> std::io::Seek for AsVersion3<R> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.0.seek(pos)
     }
 }
 

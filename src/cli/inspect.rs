@@ -54,8 +54,8 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
                 );
             }
             println!(
-                "variant: qk_norm {}, qkv_bias {}, post_norms {}, activation {:?}, embed_scale {:?}",
-                c.qk_norm, c.qkv_bias, c.post_norms, c.activation, c.embed_scale
+                "variant: qk_norm {}, post_norms {}, activation {:?}, embed_scale {:?}",
+                c.qk_norm, c.post_norms, c.activation, c.embed_scale
             );
             println!(
                 "KV cache: {} bytes per token",

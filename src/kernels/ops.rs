@@ -49,8 +49,9 @@ pub fn rope(x: &mut [f32], pos: f32, n_rot: usize, base: f32, freq_scale: f32, s
             RopeStyle::Neox => (i, i + half),
         };
         let (x0, x1) = (x[a], x[b]);
-        x[a] = x0 * c - x1 * s;
-        x[b] = x0 * s + x1 * c;
+        // Fused as ggml's compiled rope is (built with FMA contraction).
+        x[a] = x0.mul_add(c, -(x1 * s));
+        x[b] = x0.mul_add(s, x1 * c);
         theta *= theta_scale;
     }
 }
@@ -69,9 +70,14 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// `gate = silu(gate) * up` (SwiGLU).
+/// `gate = silu(gate) * up` (SwiGLU) over one row. As in ggml's AVX2 code, blocks of
+/// 8 use its exp approximation and a tail of fewer than 8 values uses `expf`.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
+    let blocks = gate.len() / 8 * 8;
+    for (g, &u) in gate[..blocks].iter_mut().zip(up) {
+        *g = *g / (1.0 + softmax_exp(-*g)) * u;
+    }
+    for (g, &u) in gate[blocks..].iter_mut().zip(&up[blocks..]) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
@@ -112,8 +118,9 @@ fn gelu_table() -> &'static [f16] {
 
 /// `exp(x)` as ggml's vectorised softmax computes it: the polynomial approximation
 /// of ARM's optimized-routines (max error about 1.5 ulp), evaluated with the same
-/// fused operations in the same order, so that attention weights are bit-identical
-/// to llama.cpp's. Written for the range softmax uses (x <= 0, including -inf).
+/// fused operations in the same order, so that attention weights and SiLU are
+/// bit-identical to llama.cpp's. Valid over the whole f32 range (overflow gives inf,
+/// underflow 0).
 pub fn softmax_exp(x: f32) -> f32 {
     let f = f32::from_bits;
     let r = f(0x4b40_0000); // 0x1.8p23
@@ -231,6 +238,13 @@ mod tests {
             );
         }
         assert!(softmax_exp(-100.0) < 1e-40);
+        for x in [0.5f32, 1.0, 10.0, 80.0] {
+            assert!(
+                (softmax_exp(x) - x.exp()).abs() <= x.exp() * 4e-7,
+                "exp({x})"
+            );
+        }
+        assert_eq!(softmax_exp(200.0), f32::INFINITY);
         assert_eq!(softmax_exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(softmax_exp(-200.0), 0.0);
         let mut v = [0.0, -1.0, -2.0, f32::NEG_INFINITY, 0.0, -0.5, -3.0, -4.0];

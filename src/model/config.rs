@@ -78,8 +78,6 @@ pub struct Config {
     pub swa_layers: Vec<bool>,
     /// RMSNorm of each query and key head before RoPE (qwen3, gemma3).
     pub qk_norm: bool,
-    /// Biases on the Q, K and V projections (qwen2).
-    pub qkv_bias: bool,
     /// RMSNorm after attention and after the FFN, before the residual add (gemma3).
     pub post_norms: bool,
     pub activation: Activation,
@@ -195,7 +193,6 @@ impl Config {
             sliding_window: None,
             swa_layers: vec![false; n_layer],
             qk_norm: false,
-            qkv_bias: false,
             post_norms: false,
             activation: Activation::SwiGlu,
             embed_scale: None,
@@ -204,7 +201,8 @@ impl Config {
         };
         match arch {
             Arch::Llama => cfg.rope_style = RopeStyle::Normal,
-            Arch::Qwen2 => cfg.qkv_bias = true,
+            // NeoX RoPE (the default); its Q/K/V biases are loaded where present.
+            Arch::Qwen2 => {}
             Arch::Qwen3 => cfg.qk_norm = true,
             Arch::Gemma3 => {
                 cfg.qk_norm = true;

@@ -29,6 +29,10 @@ pub enum ModelError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    #[error(
+        "tensor '{name}' is not supported for {arch} models (ignoring it would give wrong results)"
+    )]
+    UnsupportedTensor { name: String, arch: &'static str },
     #[error("inconsistent model hyper-parameters: {0}")]
     BadConfig(String),
     #[error("token id {0} is outside the vocabulary")]
@@ -58,6 +62,7 @@ struct Layer {
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
     bv: Option<Vec<f32>>,
+    bo: Option<Vec<f32>>,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     post_attn_norm: Option<Vec<f32>>,
@@ -112,14 +117,35 @@ impl Model {
             c.n_head_kv * c.head_dim,
             c.n_head_kv * c.head_dim_v,
         );
-        let w = |name: &str, cols: usize, rows: usize| weight(&file, name, cols, rows);
-        let vector = |name: &str, n: usize| vector(&file, name, n);
+        // Every tensor of the file must be used: one that we silently skipped (a bias,
+        // RoPE frequency factors) would make the results quietly wrong.
+        let used = std::cell::RefCell::new(std::collections::HashSet::new());
+        let mark = |name: &str| {
+            used.borrow_mut().insert(name.to_string());
+        };
+        let w = |name: &str, cols: usize, rows: usize| {
+            mark(name);
+            weight(&file, name, cols, rows)
+        };
+        let vector = |name: &str, n: usize| {
+            mark(name);
+            vector(&file, name, n)
+        };
         let opt_vector = |name: &str, n: usize| -> Result<Option<Vec<f32>>, ModelError> {
             match file.tensor(name) {
                 None => Ok(None),
                 Some(_) => vector(name, n).map(Some),
             }
         };
+        // A tensor the variant needs, or (when `cond` is false) none at all.
+        let required_if =
+            |cond: bool, name: &str, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
+                if cond {
+                    vector(name, len).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
         let tok_embd = w("token_embd.weight", d, v)?;
         let output = match file.tensor("output.weight") {
             Some(_) => w("output.weight", d, v)?,
@@ -128,35 +154,37 @@ impl Model {
         let mut layers = Vec::with_capacity(c.n_layer);
         for il in 0..c.n_layer {
             let n = |s: &str| format!("blk.{il}.{s}");
-            let need_if =
-                |cond: bool, name: &str, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
-                    if cond {
-                        vector(&n(name), len).map(Some)
-                    } else {
-                        opt_vector(&n(name), len)
-                    }
-                };
             layers.push(Layer {
                 attn_norm: vector(&n("attn_norm.weight"), d)?,
                 wq: w(&n("attn_q.weight"), d, q_dim)?,
                 wk: w(&n("attn_k.weight"), d, k_dim)?,
                 wv: w(&n("attn_v.weight"), d, v_dim)?,
                 wo: w(&n("attn_output.weight"), c.n_head * c.head_dim_v, d)?,
-                bq: need_if(c.qkv_bias, "attn_q.bias", q_dim)?,
-                bk: need_if(c.qkv_bias, "attn_k.bias", k_dim)?,
-                bv: need_if(c.qkv_bias, "attn_v.bias", v_dim)?,
-                q_norm: need_if(c.qk_norm, "attn_q_norm.weight", c.head_dim)?,
-                k_norm: need_if(c.qk_norm, "attn_k_norm.weight", c.head_dim)?,
-                post_attn_norm: need_if(c.post_norms, "post_attention_norm.weight", d)?,
+                // Projection biases are optional in every architecture, as in llama.cpp.
+                bq: opt_vector(&n("attn_q.bias"), q_dim)?,
+                bk: opt_vector(&n("attn_k.bias"), k_dim)?,
+                bv: opt_vector(&n("attn_v.bias"), v_dim)?,
+                bo: opt_vector(&n("attn_output.bias"), d)?,
+                q_norm: required_if(c.qk_norm, &n("attn_q_norm.weight"), c.head_dim)?,
+                k_norm: required_if(c.qk_norm, &n("attn_k_norm.weight"), c.head_dim)?,
+                post_attn_norm: required_if(c.post_norms, &n("post_attention_norm.weight"), d)?,
                 ffn_norm: vector(&n("ffn_norm.weight"), d)?,
                 ffn_gate: w(&n("ffn_gate.weight"), d, ff)?,
                 ffn_up: w(&n("ffn_up.weight"), d, ff)?,
                 ffn_down: w(&n("ffn_down.weight"), ff, d)?,
-                post_ffn_norm: need_if(c.post_norms, "post_ffw_norm.weight", d)?,
+                post_ffn_norm: required_if(c.post_norms, &n("post_ffw_norm.weight"), d)?,
+            });
+        }
+        let output_norm = vector("output_norm.weight", d)?;
+        let used = used.into_inner();
+        if let Some(t) = file.tensors().iter().find(|t| !used.contains(&t.name)) {
+            return Err(ModelError::UnsupportedTensor {
+                name: t.name.clone(),
+                arch: c.arch.name(),
             });
         }
         Ok(Self {
-            output_norm: vector("output_norm.weight", d)?,
+            output_norm,
             tok_embd,
             output,
             layers,
@@ -300,6 +328,7 @@ impl Model {
             );
             let mut acts = Activations::new(&attn, n, nh * hdv);
             matmul(&self.mat(&l.wo), &mut acts, &mut o);
+            add_bias(&mut o, l.bo.as_deref());
             if let Some(w) = &l.post_attn_norm {
                 o.chunks_exact_mut(d)
                     .for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));
@@ -311,9 +340,11 @@ impl Model {
             let mut acts = Activations::new(&xn, n, d);
             matmul(&self.mat(&l.ffn_gate), &mut acts, &mut gate);
             matmul(&self.mat(&l.ffn_up), &mut acts, &mut up);
-            match c.activation {
-                Activation::SwiGlu => kernels::swiglu(&mut gate, &up),
-                Activation::GeGlu => kernels::geglu(&mut gate, &up),
+            for (g, u) in gate.chunks_exact_mut(c.n_ff).zip(up.chunks_exact(c.n_ff)) {
+                match c.activation {
+                    Activation::SwiGlu => kernels::swiglu(g, u),
+                    Activation::GeGlu => kernels::geglu(g, u),
+                }
             }
             let mut acts = Activations::new(&gate, n, c.n_ff);
             matmul(&self.mat(&l.ffn_down), &mut acts, &mut o);

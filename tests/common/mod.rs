@@ -77,3 +77,5 @@ pub fn compare_logits(reference: &[f32], ours: &[f32], n_vocab: usize) -> (f64, 
     }
     (same as f64 / rows as f64, kl / rows as f64)
 }
+
+pub mod synth;
