@@ -169,6 +169,29 @@ fn row_block(rows: usize, n_tokens: usize) -> usize {
     by_threads.min(by_cache).max(16)
 }
 
+/// Dot product of two f16 vectors with ggml's own kernel (f32 accumulation in its
+/// SIMD order), as llama.cpp's single-token attention computes its scores.
+pub fn dot_f16(a: &[half::f16], b: &[half::f16]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f16: lengths differ");
+    let vec_dot = GgmlType::F16.vec_dot();
+    let mut s = 0f32;
+    // SAFETY: both slices hold a.len() f16 values (ggml_fp16_t is a u16 of the same
+    // layout as half::f16); `s` is one float.
+    unsafe {
+        vec_dot(
+            a.len() as i32,
+            &mut s,
+            0,
+            a.as_ptr().cast(),
+            0,
+            b.as_ptr().cast(),
+            0,
+            1,
+        )
+    };
+    s
+}
+
 /// Make sure ggml's CPU backend tables (f16 conversion, GELU) are initialised.
 pub fn init() {
     types::init();

@@ -1,8 +1,10 @@
 //! Causal attention over the ragged cache.
 use rayon::prelude::*;
 
+use half::f16;
+
 use super::{HeadKv, KvShape, LayerKv};
-use crate::kernels::softmax_exp8;
+use crate::kernels::{dot_f16, softmax_exp8};
 
 /// Keys per tile (llama.cpp's CPU flash attention uses 64 as well).
 const KV_TILE: usize = 64;
@@ -16,13 +18,14 @@ const Q_BLOCK: usize = 16;
 /// share one); a key is visible when its position is at most the query's and, in
 /// sliding-window layers, within the window.
 ///
-/// The kernel is a tiled online softmax in f32 with the arithmetic of llama.cpp's
-/// CPU flash attention for prompt batches (tiles of 64 keys aligned on list indices,
-/// fused multiply-adds in the same order, the same exp approximation and sum
-/// order), so the two agree to the last bit or nearly. Work is split by KV head and
-/// blocks of tokens: each tile of keys and values is converted from f16 once and used
-/// by every query of the block. Values accumulate in f32 (llama.cpp's single-token
-/// path accumulates in f16; we keep the more accurate f32 everywhere).
+/// Two kernels, each with the arithmetic of llama.cpp's CPU flash attention for the
+/// same case, so that fastkv and llama.cpp compute the same numbers (they are
+/// bit-identical on the reference models where the matrix products agree too):
+/// - batches of tokens: a tiled online softmax in f32 (tiles of 64 keys aligned on
+///   list indices, fused multiply-adds in ggml's order, its exp approximation and
+///   sum order). Work is split by KV head and blocks of tokens, so each tile of keys
+///   and values is converted from f16 once for every query of the block;
+/// - a single token (decoding): see [`decode_one`].
 pub fn attention(
     layer: &LayerKv,
     shape: &KvShape,
@@ -35,6 +38,14 @@ pub fn attention(
     let (dk, dv) = (shape.head_dim, shape.head_dim_v);
     let n = q_pos.len();
     let gqa = n_head / shape.n_head_kv;
+    if n == 1 {
+        out.par_chunks_mut(dv).enumerate().for_each(|(h, o)| {
+            let head = &layer.heads[h / gqa];
+            let range = visible(head, layer.window, q_pos[0]);
+            decode_one(head, dk, dv, &q[h * dk..(h + 1) * dk], range, kq_scale, o);
+        });
+        return;
+    }
     let n_blocks = n.div_ceil(Q_BLOCK);
     // One result per (KV head, token block): its queries' outputs, written back below.
     let results: Vec<Vec<f32>> = (0..shape.n_head_kv * n_blocks)
@@ -159,4 +170,45 @@ fn block_attention(
         o.iter_mut().for_each(|v| *v *= inv);
     }
     out
+}
+
+/// Attention of one query over keys `start..end`, as llama.cpp decodes a token
+/// (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`): the query rounded to f16,
+/// scores by ggml's f16 dot product, an online softmax key by key with `expf`, and
+/// the weighted values accumulated in f16 (rounded after every key). The f16
+/// accumulator costs a little precision; matching it keeps greedy generation token
+/// for token identical to llama.cpp's, which users compare against.
+fn decode_one(
+    head: &HeadKv,
+    dk: usize,
+    dv: usize,
+    q: &[f32],
+    (start, end): (usize, usize),
+    kq_scale: f32,
+    out: &mut [f32],
+) {
+    let q16: Vec<f16> = q.iter().map(|&v| f16::from_f32(v)).collect();
+    let mut acc = vec![f16::ZERO; dv];
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for j in start..end {
+        let s = dot_f16(&head.k[j * dk..(j + 1) * dk], &q16) * kq_scale;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > m {
+            ms = (m - s).exp();
+            m = s;
+            for a in acc.iter_mut() {
+                *a = f16::from_f32(a.to_f32() * ms);
+            }
+        } else {
+            vs = (s - m).exp();
+        }
+        for (a, v) in acc.iter_mut().zip(&head.v[j * dv..(j + 1) * dv]) {
+            *a = f16::from_f32(v.to_f32().mul_add(vs, a.to_f32()));
+        }
+        sum = sum.mul_add(ms, vs);
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = a.to_f32() * inv;
+    }
 }
