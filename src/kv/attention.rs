@@ -10,6 +10,9 @@ use crate::kernels::{dot_f16, softmax_exp8};
 const KV_TILE: usize = 64;
 /// Tokens whose queries share one pass over the keys.
 const Q_BLOCK: usize = 16;
+/// Batches of fewer tokens use the one-query kernel, as llama.cpp's do (its tiled
+/// kernel needs a tile of 64 query rows).
+const MIN_TILED_BATCH: usize = 64;
 
 /// Causal attention of `n` query tokens (positions `q_pos[t]`) over one layer.
 /// `q` is n x n_head x head_dim; `out` is n x n_head x head_dim_v.
@@ -21,11 +24,11 @@ const Q_BLOCK: usize = 16;
 /// Two kernels, each with the arithmetic of llama.cpp's CPU flash attention for the
 /// same case, so that fastkv and llama.cpp compute the same numbers (they are
 /// bit-identical on the reference models where the matrix products agree too):
-/// - batches of tokens: a tiled online softmax in f32 (tiles of 64 keys aligned on
+/// - batches of 64 tokens or more: a tiled online softmax in f32 (tiles of 64 keys aligned on
 ///   list indices, fused multiply-adds in ggml's order, its exp approximation and
 ///   sum order). Work is split by KV head and blocks of tokens, so each tile of keys
 ///   and values is converted from f16 once for every query of the block;
-/// - a single token (decoding): see [`decode_one`].
+/// - fewer tokens (decoding, short prompts): one query at a time, see [`decode_one`].
 pub fn attention(
     layer: &LayerKv,
     shape: &KvShape,
@@ -38,11 +41,12 @@ pub fn attention(
     let (dk, dv) = (shape.head_dim, shape.head_dim_v);
     let n = q_pos.len();
     let gqa = n_head / shape.n_head_kv;
-    if n == 1 {
-        out.par_chunks_mut(dv).enumerate().for_each(|(h, o)| {
+    if n < MIN_TILED_BATCH {
+        out.par_chunks_mut(dv).enumerate().for_each(|(i, o)| {
+            let (t, h) = (i / n_head, i % n_head);
             let head = &layer.heads[h / gqa];
-            let range = visible(head, layer.window, q_pos[0]);
-            decode_one(head, dk, dv, &q[h * dk..(h + 1) * dk], range, kq_scale, o);
+            let range = visible(head, layer.window, q_pos[t]);
+            decode_one(head, dk, dv, &q[i * dk..(i + 1) * dk], range, kq_scale, o);
         });
         return;
     }
