@@ -5,11 +5,10 @@ use std::sync::OnceLock;
 
 use half::f16;
 
-/// `out = x / rms(x) * w` (RMSNorm), with the sum of squares in f64 as ggml does.
+/// `out = x / rms(x) * w` (RMSNorm), as ggml computes it: the sum of squares of f32
+/// products accumulated in f64, then `x * scale * w`.
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
-    let mean = (sum / x.len() as f64) as f32;
-    let scale = 1.0 / (mean + eps).sqrt();
+    let scale = rms_scale(x, eps);
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = v * scale * g;
     }
@@ -17,12 +16,16 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// RMSNorm in place (see [`rmsnorm`]).
 pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
-    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
-    let mean = (sum / x.len() as f64) as f32;
-    let scale = 1.0 / (mean + eps).sqrt();
+    let scale = rms_scale(x, eps);
     for (v, &g) in x.iter_mut().zip(w) {
         *v = *v * scale * g;
     }
+}
+
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    1.0 / (mean + eps).sqrt()
 }
 
 /// How RoPE pairs up the dimensions of a head.

@@ -24,10 +24,11 @@ const MIN_TILED_BATCH: usize = 64;
 /// Two kernels, each with the arithmetic of llama.cpp's CPU flash attention for the
 /// same case, so that fastkv and llama.cpp compute the same numbers (they are
 /// bit-identical on the reference models where the matrix products agree too):
-/// - batches of 64 tokens or more: a tiled online softmax in f32 (tiles of 64 keys aligned on
-///   list indices, fused multiply-adds in ggml's order, its exp approximation and
-///   sum order). Work is split by KV head and blocks of tokens, so each tile of keys
-///   and values is converted from f16 once for every query of the block;
+/// - batches of 64 tokens or more: a tiled online softmax in f32 (tiles of 64 keys
+///   aligned on list indices, fused multiply-adds in ggml's order, its exp
+///   approximation and sum order). Work is split by KV head and blocks of tokens, so
+///   each tile of keys and values is converted from f16 once for every query of the
+///   block;
 /// - fewer tokens (decoding, short prompts): one query at a time, see [`decode_one`].
 pub fn attention(
     layer: &LayerKv,
