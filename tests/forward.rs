@@ -142,16 +142,7 @@ fn greedy_matches_llama_cpp(name: &str, exact: bool) {
 
     // Free-running.
     let mut session = Session::new(&model, 2048);
-    let mut logits = session.feed(&ids).unwrap();
-    let mut got = Vec::new();
-    while got.len() < 64 {
-        let next = argmax(&logits) as u32;
-        if tokenizer.is_eog(next) {
-            break;
-        }
-        got.push(next);
-        logits = session.feed(&[next]).unwrap();
-    }
+    let got = greedy(&mut session, &tokenizer, &ids, 64);
     let n_same = common_prefix(&got, &want);
     eprintln!(
         "{name}: free-running, fastkv follows llama.cpp for {n_same} of {} tokens\n\

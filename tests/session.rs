@@ -20,16 +20,10 @@ fn chat_reply_matches_llama_cpp() {
     let prompt = tok.encode(&template.render(&messages, true).unwrap(), false, true);
 
     let mut session = Session::new(&model, 1024);
-    let mut logits = session.feed(&prompt).unwrap();
-    let mut ours = Vec::new();
-    while ours.len() < 32 {
-        let next = argmax(&logits) as u32;
-        if tok.is_eog(next) {
-            break;
-        }
-        ours.push(next as i32);
-        logits = session.feed(&[next]).unwrap();
-    }
+    let ours: Vec<i32> = greedy(&mut session, &tok, &prompt, 32)
+        .iter()
+        .map(|&t| t as i32)
+        .collect();
     let reference = RefModel::load(&path, false).unwrap();
     let mut ctx = RefContext::new(&reference, RefContextParams::default()).unwrap();
     let prompt_i32: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();

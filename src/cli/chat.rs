@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{generate, GenStats, ModelArgs, SamplingArgs};
+use super::{generate, print_piece, GenStats, ModelArgs, SamplingArgs};
 use crate::sampling::Sampler;
 use crate::session::Session;
 use crate::tokenizer::{ChatMessage, ChatTemplate};
@@ -91,11 +91,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             &prompt,
             Some(a.n_predict),
             &mut stats,
-            |piece| {
-                out.write_all(piece.as_bytes())?;
-                out.flush()?;
-                Ok(())
-            },
+            |piece| print_piece(&mut out, piece),
         )?;
         writeln!(out)?;
         messages.push(ChatMessage::assistant(

@@ -258,6 +258,13 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Write a piece of generated text and flush it, so the user sees each token.
+pub fn print_piece(out: &mut impl std::io::Write, piece: &str) -> Result<()> {
+    out.write_all(piece.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
 /// Prefill `prompt` (reusing what the session holds), then sample up to `n_predict`
 /// tokens (None = until end of generation or a full context), calling `emit` with
 /// each piece of text as soon as it is complete UTF-8. Returns the generated ids.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::{generate, GenStats, ModelArgs, SamplingArgs};
+use super::{generate, print_piece, GenStats, ModelArgs, SamplingArgs};
 use crate::sampling::Sampler;
 use crate::session::Session;
 
@@ -76,11 +76,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         &tokens,
         n_predict,
         &mut stats,
-        |piece| {
-            out.write_all(piece.as_bytes())?;
-            out.flush()?;
-            Ok(())
-        },
+        |piece| print_piece(&mut out, piece),
     )?;
     writeln!(out)?;
     stats.print();

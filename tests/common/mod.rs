@@ -62,6 +62,27 @@ pub fn argmax(x: &[f32]) -> usize {
     fastkv::kernels::argmax(x)
 }
 
+/// Greedy generation with fastkv: feed `prompt`, then up to `n` tokens one at a time,
+/// stopping at end of generation.
+pub fn greedy(
+    session: &mut fastkv::session::Session,
+    tokenizer: &fastkv::tokenizer::Tokenizer,
+    prompt: &[u32],
+    n: usize,
+) -> Vec<u32> {
+    let mut logits = session.feed(prompt).unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let next = argmax(&logits) as u32;
+        if tokenizer.is_eog(next) {
+            break;
+        }
+        out.push(next);
+        logits = session.feed(&[next]).unwrap();
+    }
+    out
+}
+
 /// Compare two runs' logits (rows of n_vocab): (fraction of equal top-1, mean KL).
 pub fn compare_logits(reference: &[f32], ours: &[f32], n_vocab: usize) -> (f64, f64) {
     assert_eq!(reference.len(), ours.len(), "logit arrays differ in size");
