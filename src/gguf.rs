@@ -125,7 +125,7 @@ impl GgufFile {
             )));
         }
         let file_len = meta.len();
-        check_header(&path, &file)?;
+        let version = check_header(&path, &file)?;
 
         // Descriptor ranges are checked below, by us, so errors can name the tensor.
         let config = GGUFReaderConfig {
@@ -134,7 +134,6 @@ impl GgufFile {
         };
         let reader = GGUFFileReader::with_config(AsVersion3(BufReader::new(&file)), config)
             .map_err(|e| map_parse_error(&path, e))?;
-        let version = read_version(&file).map_err(open_err)?;
         let data_start = reader.tensor_data_offset();
         let mut tensors = Vec::with_capacity(reader.tensor_count());
         for t in reader.tensor_infos() {
@@ -353,8 +352,8 @@ fn wrong(key: &str, expected: &'static str) -> GgufError {
 }
 
 /// Check magic number and version ourselves, so "not a GGUF file" and "unsupported
-/// version" get their own clear messages.
-fn check_header(path: &Path, file: &File) -> Result<(), GgufError> {
+/// version" get their own clear messages. Returns the version.
+fn check_header(path: &Path, file: &File) -> Result<u32, GgufError> {
     use std::io::{Read, Seek};
     let mut head = [0u8; 8];
     let mut n = 0;
@@ -385,19 +384,9 @@ fn check_header(path: &Path, file: &File) -> Result<(), GgufError> {
         return Err(GgufError::Truncated { path });
     }
     match u32::from_le_bytes([head[4], head[5], head[6], head[7]]) {
-        2 | 3 => Ok(()),
+        version @ (2 | 3) => Ok(version),
         version => Err(GgufError::UnsupportedVersion { path, version }),
     }
-}
-
-fn read_version(file: &File) -> std::io::Result<u32> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = file;
-    let mut v = [0u8; 4];
-    f.seek(SeekFrom::Start(4))?;
-    f.read_exact(&mut v)?;
-    f.rewind()?;
-    Ok(u32::from_le_bytes(v))
 }
 
 /// GGUF versions 2 and 3 share one little-endian layout (3 only allows big-endian
