@@ -8,9 +8,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use fastkv::kernels::argmax;
 use fastkv::model::Model;
 use fastkv::session::Session;
-use ggml_sys::reference::{argmax, RefContext, RefContextParams, RefModel};
+use ggml_sys::reference::{RefContext, RefContextParams, RefModel};
 
 const THREADS: usize = 2;
 

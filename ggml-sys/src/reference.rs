@@ -261,7 +261,7 @@ impl Drop for RefContext<'_> {
 }
 
 /// Index of the largest value (first on ties), as llama.cpp's greedy sampler picks.
-pub fn argmax(v: &[f32]) -> usize {
+fn argmax(v: &[f32]) -> usize {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
         if x > v[best] {

@@ -59,20 +59,6 @@ pub fn rope(x: &mut [f32], pos: f32, n_rot: usize, base: f32, freq_scale: f32, s
     }
 }
 
-/// Softmax in place, subtracting the maximum first.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
 /// `gate = silu(gate) * up` (SwiGLU) over one row. As in ggml's AVX2 code, blocks of
 /// 8 use its exp approximation and a tail of fewer than 8 values uses `expf`.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
@@ -206,14 +192,6 @@ mod tests {
         assert_eq!(b, [1.0, 0.5, 0.0, 0.5], "position 0 is the identity");
         rope(&mut b, 3.0, 4, 10000.0, 1.0, RopeStyle::Neox);
         assert!((b[0] - 3f32.cos()).abs() < 1e-6 && (b[2] - 3f32.sin()).abs() < 1e-6);
-    }
-
-    #[test]
-    fn softmax_sums_to_one() {
-        let mut x = [1.0, 2.0, 3.0, -1e9];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(x[2] > x[1] && x[1] > x[0] && x[3] == 0.0);
     }
 
     #[test]

@@ -43,12 +43,16 @@ pub fn attention(
     let n = q_pos.len();
     let gqa = n_head / shape.n_head_kv;
     if n < MIN_TILED_BATCH {
-        out.par_chunks_mut(dv).enumerate().for_each(|(i, o)| {
-            let (t, h) = (i / n_head, i % n_head);
-            let head = &layer.heads[h / gqa];
-            let range = visible(head, layer.window, q_pos[t]);
-            decode_one(head, dk, dv, &q[i * dk..(i + 1) * dk], range, kq_scale, o);
-        });
+        out.par_chunks_mut(dv).enumerate().for_each_init(
+            || (vec![f16::ZERO; dk], vec![f16::ZERO; dv]),
+            |scratch, (i, o)| {
+                let (t, h) = (i / n_head, i % n_head);
+                let head = &layer.heads[h / gqa];
+                let range = visible(head, layer.window, q_pos[t]);
+                let qi = &q[i * dk..(i + 1) * dk];
+                decode_one(head, qi, range, kq_scale, scratch, o);
+            },
+        );
         return;
     }
     let n_blocks = n.div_ceil(Q_BLOCK);
@@ -183,20 +187,24 @@ fn block_attention(
 /// the weighted values accumulated in f16 (rounded after every key). The f16
 /// accumulator costs a little precision; matching it keeps greedy generation token
 /// for token identical to llama.cpp's, which users compare against.
+/// `scratch` holds the f16 query and accumulator (head_dim and head_dim_v long),
+/// reused between queries.
 fn decode_one(
     head: &HeadKv,
-    dk: usize,
-    dv: usize,
     q: &[f32],
     (start, end): (usize, usize),
     kq_scale: f32,
+    (q16, acc): &mut (Vec<f16>, Vec<f16>),
     out: &mut [f32],
 ) {
-    let q16: Vec<f16> = q.iter().map(|&v| f16::from_f32(v)).collect();
-    let mut acc = vec![f16::ZERO; dv];
+    let (dk, dv) = (q16.len(), acc.len());
+    for (d, &v) in q16.iter_mut().zip(q) {
+        *d = f16::from_f32(v);
+    }
+    acc.fill(f16::ZERO);
     let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
     for j in start..end {
-        let s = dot_f16(&head.k[j * dk..(j + 1) * dk], &q16) * kq_scale;
+        let s = dot_f16(&head.k[j * dk..(j + 1) * dk], q16) * kq_scale;
         let (mut ms, mut vs) = (1f32, 1f32);
         if s > m {
             ms = (m - s).exp();
@@ -213,7 +221,7 @@ fn decode_one(
         sum = sum.mul_add(ms, vs);
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for (o, a) in out.iter_mut().zip(&acc) {
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
         *o = a.to_f32() * inv;
     }
 }

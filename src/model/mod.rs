@@ -216,16 +216,6 @@ impl Model {
         KvCache::new(self.kv_shape())
     }
 
-    /// Bytes of weights (the whole mapped file's tensor data).
-    pub fn weight_bytes(&self) -> usize {
-        self.file.tensors().iter().map(|t| t.n_bytes).sum()
-    }
-
-    /// Number of parameters.
-    pub fn n_params(&self) -> usize {
-        self.file.tensors().iter().map(|t| t.n_elements()).sum()
-    }
-
     fn mat(&self, w: &Weight) -> QMatrix<'_> {
         let data = self
             .file
