@@ -214,6 +214,23 @@ impl GgufFile {
     pub fn file_len(&self) -> usize {
         self.map.len()
     }
+    /// A 64-bit fingerprint of the tensor table (names, types, shapes, offsets): files
+    /// that share it hold the same model layout. Saved contexts and gate files record
+    /// it to refuse being used with another model.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+        for t in &self.tensors {
+            h.update(t.name.as_bytes());
+            h.update(&[0]);
+            h.update(t.ty.name().as_bytes());
+            for &d in &t.dims {
+                h.update(&(d as u64).to_le_bytes());
+            }
+            h.update(&(t.offset as u64).to_le_bytes());
+        }
+        h.digest()
+    }
+
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }

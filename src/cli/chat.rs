@@ -1,11 +1,14 @@
 //! `fastkv chat`: an interactive conversation that keeps its KV cache between turns,
-//! so each turn only runs the new tokens.
+//! so each turn only runs the new tokens. `/load FILE` reads a document and
+//! compresses it (per the --kv-* flags) before any question about it is asked.
 use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{generate, print_piece, GenStats, ModelArgs, SamplingArgs};
+use super::{
+    generate, print_compression, print_piece, GenStats, KvArgs, Loaded, ModelArgs, SamplingArgs,
+};
 use crate::sampling::Sampler;
 use crate::session::Session;
 use crate::tokenizer::{ChatMessage, ChatTemplate};
@@ -16,6 +19,8 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
     /// A system message that opens the conversation.
     #[arg(long = "system")]
     pub system: Option<String>,
@@ -27,23 +32,22 @@ pub struct ChatArgs {
 pub fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let l = a.model.load()?;
-    let template = match ChatTemplate::from_gguf(l.model.file(), &l.tokenizer) {
-        Some(t) => t,
-        None => {
-            eprintln!(
-                "note: {} has no chat template; using a plain \"User:/Assistant:\" format",
-                l.path.display()
-            );
-            ChatTemplate::plain()
-        }
-    };
+    let template = l.template();
     let mut session = Session::new(&l.model, a.model.n_ctx(&l.model));
+    a.kv.apply(&mut session, &l, params.seed)?;
     let mut sampler = Sampler::new(params);
-    let mut messages: Vec<ChatMessage> = a.system.iter().map(ChatMessage::system).collect();
+    let mut conv = Conversation {
+        l: &l,
+        template: &template,
+        messages: a.system.iter().map(ChatMessage::system).collect(),
+        held: String::new(),
+        document: String::new(),
+    };
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!(
-            "chat with {} ({} tokens of context). /exit to quit, /reset to start over.",
+            "chat with {} ({} tokens of context). /load FILE to read a document, \
+             /reset to start over, /exit to quit.",
             l.path.display(),
             session.n_ctx()
         );
@@ -62,24 +66,29 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             "" => continue,
             "/exit" | "/quit" => break,
             "/reset" => {
-                messages.retain(|m| m.role == "system");
+                conv.messages.retain(|m| m.role == "system");
+                conv.held.clear();
+                conv.document.clear();
                 session.clear();
                 continue;
             }
             _ => {}
         }
-        messages.push(ChatMessage::user(text));
-        let rendered = template.render(&messages, true)?;
-        // Templates that write the BOS token themselves must not get a second one.
-        let bos_text = l.tokenizer.bos().and_then(|b| l.tokenizer.token_text(b));
-        let add_bos = !bos_text.is_some_and(|b| rendered.starts_with(b));
-        let prompt = l.tokenizer.encode(&rendered, add_bos, true);
+        if let Some(path) = text.strip_prefix("/load ") {
+            if let Err(e) = conv.load(&mut session, path.trim()) {
+                eprintln!("error: {e:#}");
+            }
+            continue;
+        }
+        let content = std::mem::take(&mut conv.document) + text;
+        conv.messages.push(ChatMessage::user(content));
+        let (rendered, prompt) = conv.prompt(&session)?;
         if prompt.len() >= session.n_ctx() {
             eprintln!(
                 "the conversation no longer fits in {} tokens; use /reset or a larger -c",
                 session.n_ctx()
             );
-            messages.pop();
+            conv.messages.pop();
             continue;
         }
         let mut stats = GenStats::default();
@@ -94,15 +103,96 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             |piece| print_piece(&mut out, piece),
         )?;
         writeln!(out)?;
-        messages.push(ChatMessage::assistant(
-            l.tokenizer.decode(&reply, false).trim(),
-        ));
+        let reply_text = l.tokenizer.decode(&reply, false);
+        conv.held = rendered + &reply_text;
+        conv.messages
+            .push(ChatMessage::assistant(reply_text.trim()));
         if interactive {
             eprintln!(
-                "[{} new prompt tokens, {:.1} t/s; {} tokens, {:.1} t/s]",
-                stats.n_prompt, stats.prompt_tps, stats.n_gen, stats.gen_tps
+                "[{} new prompt tokens, {:.1} t/s; {} tokens, {:.1} t/s; KV cache {:.2} MiB]",
+                stats.n_prompt,
+                stats.prompt_tps,
+                stats.n_gen,
+                stats.gen_tps,
+                session.kv_bytes() as f64 / (1 << 20) as f64
             );
         }
     }
     Ok(())
+}
+
+/// The conversation's messages, and the text the session's tokens stand for, so that
+/// a new turn only tokenizes what is new: re-tokenizing everything could split a
+/// compressed document differently and lose the cache that holds it.
+struct Conversation<'a> {
+    l: &'a Loaded,
+    template: &'a ChatTemplate,
+    messages: Vec<ChatMessage>,
+    /// Rendered text the session holds (empty when unknown).
+    held: String,
+    /// Documents loaded since the last question; they open the next user message.
+    document: String,
+}
+
+impl Conversation<'_> {
+    /// The rendered conversation (with the assistant header) and its tokens.
+    fn prompt(&self, session: &Session) -> Result<(String, Vec<u32>)> {
+        let rendered = self.template.render(&self.messages, true)?;
+        let tokens = match rendered.strip_prefix(&self.held) {
+            Some(new) if !self.held.is_empty() && !session.tokens().is_empty() => {
+                let mut t = session.tokens().to_vec();
+                t.extend(self.l.tokenizer.encode(new, false, true));
+                t
+            }
+            _ => self.l.tokenizer.encode(&rendered, self.add_bos(&rendered), true),
+        };
+        Ok((rendered, tokens))
+    }
+
+    /// Templates that write the BOS token themselves must not get a second one.
+    fn add_bos(&self, rendered: &str) -> bool {
+        let tok = &self.l.tokenizer;
+        let bos_text = tok.bos().and_then(|b| tok.token_text(b));
+        !bos_text.is_some_and(|b| rendered.starts_with(b))
+    }
+
+    /// Read a document and compress it into the session: it opens the next user
+    /// message, and nothing after it is seen before it is compressed.
+    fn load(&mut self, session: &mut Session, path: &str) -> Result<()> {
+        let doc = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {path}"))?;
+        let doc = doc.trim();
+        // The text before the document: the conversation so far and the template's
+        // opening of a user message.
+        const MARK: &str = "\u{1}";
+        let mut msgs = self.messages.clone();
+        msgs.push(ChatMessage::user(format!("{}{MARK}", self.document)));
+        let rendered = self.template.render(&msgs, false)?;
+        let before = rendered.split_once(MARK).map_or("", |(b, _)| b);
+        let tok = &self.l.tokenizer;
+        let prefix = match before.strip_prefix(&self.held) {
+            Some(new) if !self.held.is_empty() && !session.tokens().is_empty() => {
+                tok.encode(new, false, true)
+            }
+            _ => {
+                session.clear();
+                tok.encode(before, self.add_bos(before), true)
+            }
+        };
+        let text = format!("{doc}\n\n");
+        let context = tok.encode(&text, false, false);
+        let needed = session.tokens().len() + prefix.len() + context.len();
+        if needed >= session.n_ctx() {
+            anyhow::bail!(
+                "{path} needs {needed} tokens of context but the session holds {} (raise -c)",
+                session.n_ctx()
+            );
+        }
+        let (_, report) = session.feed_context(&prefix, &context)?;
+        let cfg = session.eviction();
+        print_compression(&report, cfg.policy, cfg.keep);
+        self.held = format!("{before}{text}");
+        self.document.push_str(&text);
+        Ok(())
+    }
 }

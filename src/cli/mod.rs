@@ -10,10 +10,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::kv::{EvictMode, Level, Policy};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplerParams};
-use crate::session::Session;
-use crate::tokenizer::{Detokenizer, Tokenizer};
+use crate::session::{CompressReport, EvictionConfig, Session, TeacherPrompt};
+use crate::tokenizer::{ChatTemplate, Detokenizer, Tokenizer};
 
 /// The model used when `-m` is not given (fetched by `python3 models/fetch.py`).
 pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -55,6 +56,99 @@ pub struct ModelArgs {
     pub ctx_size: usize,
 }
 
+/// KV eviction flags, shared by the commands that run a model.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KvArgs {
+    /// KV eviction policy: full, streaming, h2o, snapkv, kvzip, random
+    /// [default: snapkv when --kv-keep or --kv-budget is given, else full].
+    #[arg(long = "kv-policy")]
+    pub policy: Option<String>,
+    /// Fraction of a context's KV pairs to keep, 0 < r <= 1
+    /// [default: 0.3 with a policy other than full, else 1].
+    #[arg(long = "kv-keep")]
+    pub keep: Option<f64>,
+    /// Decode budget: KV pairs per (layer, KV head) on average; evicts every 128 tokens.
+    #[arg(long = "kv-budget")]
+    pub budget: Option<usize>,
+    /// Recent tokens of a context kept whole [default: 2% of the context, at most 4096].
+    #[arg(long = "kv-window")]
+    pub window: Option<usize>,
+    /// Where the keep ratio applies: global (one threshold, non-uniform heads), layer, head
+    /// [default: head for snapkv, else global].
+    #[arg(long = "kv-level")]
+    pub level: Option<String>,
+    /// Tokens per prefill step; eviction runs after each.
+    #[arg(long = "prefill-chunk", default_value_t = crate::session::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
+}
+
+impl KvArgs {
+    /// The eviction settings these flags ask for (`seed` drives the random policy).
+    pub fn config(&self, seed: u64) -> Result<EvictionConfig> {
+        let policy = match &self.policy {
+            Some(p) => p.parse::<Policy>()?,
+            None if self.keep.is_some() || self.budget.is_some() => Policy::SnapKv,
+            None => Policy::Full,
+        };
+        let keep = match self.keep {
+            Some(k) if !(k > 0.0 && k <= 1.0) => {
+                bail!("--kv-keep must lie in (0, 1] (the fraction of KV pairs kept), got {k}")
+            }
+            Some(k) => k,
+            None if policy != Policy::Full && self.budget.is_none() => 0.3,
+            None => 1.0,
+        };
+        if self.prefill_chunk == 0 {
+            bail!("--prefill-chunk must be at least 1");
+        }
+        let level = match &self.level {
+            Some(l) => l.parse::<Level>()?,
+            None => policy.default_level(),
+        };
+        let cfg = EvictionConfig {
+            policy,
+            keep,
+            level,
+            window: self.window,
+            budget: self.budget,
+            seed,
+            mode: EvictMode::Compact,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Apply these flags to a session.
+    pub fn apply(&self, session: &mut Session, l: &Loaded, seed: u64) -> Result<()> {
+        let cfg = self.config(seed)?;
+        if cfg.policy == Policy::KvZip {
+            session.set_teacher_prompt(TeacherPrompt::new(&l.tokenizer, &l.template())?);
+        }
+        session.set_eviction(cfg)?;
+        session.set_prefill_chunk(self.prefill_chunk);
+        Ok(())
+    }
+}
+
+/// One line on what compressing a context did.
+pub fn print_compression(r: &CompressReport, policy: Policy, keep: f64) {
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let teacher = if r.teacher_ms > 0.0 {
+        format!(", of which the kvzip teacher {:.0} ms", r.teacher_ms)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "context: {} tokens, KV cache {:.2} MiB full -> {:.2} MiB held ({:.1}%; {policy}, keep {keep}, window {}) in {:.0} ms{teacher}",
+        r.n_context,
+        mib(r.kv_bytes_full),
+        mib(r.kv_bytes),
+        100.0 * r.kv_bytes as f64 / r.kv_bytes_full.max(1) as f64,
+        r.window,
+        r.prefill_ms,
+    );
+}
+
 /// Sampling flags, with llama.cpp's names and defaults.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
@@ -92,12 +186,7 @@ impl SamplingArgs {
         if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
             bail!("--repeat-penalty must be > 0");
         }
-        let seed = self.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-        });
+        let seed = self.seed();
         Ok(SamplerParams {
             temp: self.temp,
             top_k: self.top_k,
@@ -106,6 +195,16 @@ impl SamplingArgs {
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
             seed,
+        })
+    }
+
+    /// `-s`, or a seed from the clock.
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
         })
     }
 }
@@ -152,6 +251,19 @@ pub struct Loaded {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub path: PathBuf,
+}
+
+impl Loaded {
+    /// The model's chat template, or the plain fallback (with a note) when it has none.
+    pub fn template(&self) -> ChatTemplate {
+        ChatTemplate::from_gguf(self.model.file(), &self.tokenizer).unwrap_or_else(|| {
+            eprintln!(
+                "note: {} has no chat template; using a plain \"User:/Assistant:\" format",
+                self.path.display()
+            );
+            ChatTemplate::plain()
+        })
+    }
 }
 
 impl ModelArgs {
@@ -204,9 +316,16 @@ pub struct GenStats {
     pub gen_ms: f64,
     pub prompt_tps: f64,
     pub gen_tps: f64,
-    /// Peak bytes held by the KV cache.
+    /// Bytes the KV cache holds at the end.
     pub kv_bytes: usize,
+    /// Bytes it would hold without eviction.
+    pub kv_bytes_full: usize,
+    /// The most bytes it held at any point.
+    pub peak_kv_bytes: usize,
     pub peak_rss_bytes: u64,
+    /// What compressing a context did, when one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressReport>,
     /// Tokens run through the model while generating (the last sampled one is not).
     #[serde(skip)]
     n_decoded: usize,
@@ -216,7 +335,9 @@ impl GenStats {
     fn finish(&mut self, session: &Session) {
         self.prompt_tps = rate(self.n_prompt, self.prompt_ms);
         self.gen_tps = rate(self.n_decoded, self.gen_ms);
-        self.kv_bytes = session.peak_kv_bytes();
+        self.kv_bytes = session.kv_bytes();
+        self.kv_bytes_full = session.cache().full_bytes();
+        self.peak_kv_bytes = session.peak_kv_bytes();
         self.peak_rss_bytes = peak_rss_bytes();
     }
 
@@ -224,7 +345,7 @@ impl GenStats {
         eprintln!(
             "\nprompt: {} tokens in {:.1} ms ({:.2} tokens/s)\n\
              generation: {} tokens in {:.1} ms ({:.2} tokens/s)\n\
-             peak KV cache: {:.2} MiB, peak RSS: {:.1} MiB",
+             KV cache: {:.2} MiB held ({:.2} MiB without eviction, peak {:.2} MiB), peak RSS: {:.1} MiB",
             self.n_prompt,
             self.prompt_ms,
             self.prompt_tps,
@@ -232,6 +353,8 @@ impl GenStats {
             self.gen_ms,
             self.gen_tps,
             self.kv_bytes as f64 / (1 << 20) as f64,
+            self.kv_bytes_full as f64 / (1 << 20) as f64,
+            self.peak_kv_bytes as f64 / (1 << 20) as f64,
             self.peak_rss_bytes as f64 / (1 << 20) as f64,
         );
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::{generate, print_piece, GenStats, ModelArgs, SamplingArgs};
+use super::{generate, print_compression, print_piece, GenStats, KvArgs, ModelArgs, SamplingArgs};
 use crate::sampling::Sampler;
 use crate::session::Session;
 
@@ -15,6 +15,19 @@ pub struct RunArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
+    /// A document to read and compress (per the --kv-* flags) before the prompt is
+    /// seen; the prompt then asks about it.
+    #[arg(long = "context-file")]
+    pub context_file: Option<PathBuf>,
+    /// Save the context (compressed, after --context-file; else the whole
+    /// conversation after generation) to this file.
+    #[arg(long = "save-context")]
+    pub save_context: Option<PathBuf>,
+    /// Start from a context saved with --save-context (same model).
+    #[arg(long = "load-context")]
+    pub load_context: Option<PathBuf>,
     /// Prompt text (taken literally: no backslash unescaping).
     #[arg(short = 'p', long = "prompt", conflicts_with = "file")]
     pub prompt: Option<String>,
@@ -47,7 +60,52 @@ pub fn run(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let l = a.model.load()?;
     let mut session = Session::new(&l.model, a.model.n_ctx(&l.model));
-    let mut tokens = l.tokenizer.encode(&prompt, true, true);
+    a.kv.apply(&mut session, &l, params.seed)?;
+    if let Some(path) = &a.load_context {
+        session
+            .load_context(path)
+            .with_context(|| format!("cannot load context {}", path.display()))?;
+        eprintln!(
+            "loaded context {}: {} tokens, KV cache {:.2} MiB",
+            path.display(),
+            session.tokens().len(),
+            session.kv_bytes() as f64 / (1 << 20) as f64
+        );
+    }
+    let mut compression = None;
+    if let Some(path) = &a.context_file {
+        let doc = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read context file {}", path.display()))?;
+        // A document is text: special-token names in it stay text.
+        let context = l.tokenizer.encode(&doc, false, false);
+        let prefix: Vec<u32> = if session.tokens().is_empty() {
+            l.tokenizer.bos().filter(|_| l.tokenizer.add_bos()).into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        let total = session.tokens().len() + prefix.len() + context.len();
+        if total >= session.n_ctx() {
+            bail!(
+                "the context file has {} tokens; with what comes before it the context needs {total}, \
+                 but holds {} (raise -c)",
+                context.len(),
+                session.n_ctx()
+            );
+        }
+        let (_, report) = session.feed_context(&prefix, &context)?;
+        print_compression(&report, session.eviction().policy, session.eviction().keep);
+        if let Some(save) = &a.save_context {
+            save_context(&session, save)?;
+        }
+        compression = Some(report);
+    }
+    let mut tokens = if session.tokens().is_empty() {
+        l.tokenizer.encode(&prompt, true, true)
+    } else {
+        let mut t = session.tokens().to_vec();
+        t.extend(l.tokenizer.encode(&prompt, false, true));
+        t
+    };
     if tokens.is_empty() {
         // Nothing to condition on: start from BOS, as llama.cpp does.
         tokens.extend(l.tokenizer.bos());
@@ -80,10 +138,26 @@ pub fn run(a: RunArgs) -> Result<()> {
     )?;
     writeln!(out)?;
     stats.print();
+    stats.compression = compression;
+    if let (Some(save), None) = (&a.save_context, &a.context_file) {
+        save_context(&session, save)?;
+    }
     if let Some(path) = &a.stats_json {
         let json = serde_json::to_string_pretty(&stats)?;
         std::fs::write(path, json + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    Ok(())
+}
+
+fn save_context(session: &Session, path: &std::path::Path) -> Result<()> {
+    session
+        .save_context(path)
+        .with_context(|| format!("cannot save the context to {}", path.display()))?;
+    eprintln!(
+        "saved context to {} ({} tokens)",
+        path.display(),
+        session.tokens().len()
+    );
     Ok(())
 }

@@ -91,7 +91,7 @@ pub fn attention(
 }
 
 /// The list indices a query at position `p` may attend to.
-fn visible(head: &HeadKv, window: Option<usize>, p: u32) -> (usize, usize) {
+pub(super) fn visible(head: &HeadKv, window: Option<usize>, p: u32) -> (usize, usize) {
     let p = p as u64;
     let end = head.pos.partition_point(|&kp| kp as u64 <= p);
     let start = match window {
@@ -148,11 +148,16 @@ fn block_attention(
             }
             scores.fill(f32::NEG_INFINITY);
             for c in ca..cb {
-                scores[c] = acc[c] * kq_scale;
+                if !head.is_masked(t0 + c) {
+                    scores[c] = acc[c] * kq_scale;
+                }
             }
             // Online softmax over the tile.
             let o = &mut out[i * dv..(i + 1) * dv];
             let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if tile_max == f32::NEG_INFINITY {
+                continue; // every visible key of the tile is masked
+            }
             let m_new = m[i].max(tile_max);
             if m_new > m[i] {
                 let ms = (m[i] - m_new).exp();
@@ -204,6 +209,9 @@ fn decode_one(
     acc.fill(f16::ZERO);
     let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
     for j in start..end {
+        if head.is_masked(j) {
+            continue;
+        }
         let s = dot_f16(&head.k[j * dk..(j + 1) * dk], q16) * kq_scale;
         let (mut ms, mut vs) = (1f32, 1f32);
         if s > m {
@@ -223,5 +231,51 @@ fn decode_one(
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     for (o, a) in out.iter_mut().zip(acc.iter()) {
         *o = a.to_f32() * inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{EvictMode, KvCache};
+
+    /// Attention over a cache whose evicted pairs are masked equals attention over
+    /// the compacted cache, for both kernels (short batches exactly, tiled batches
+    /// to float rounding).
+    #[test]
+    fn masked_equals_compacted() {
+        let shape = KvShape {
+            n_layer: 1,
+            n_head_kv: 2,
+            head_dim: 64,
+            head_dim_v: 64,
+            windows: vec![None],
+        };
+        let (n_head, n_ctx) = (4, 300);
+        let rnd = |i: usize| ((i as f32 * 12.9898).sin() * 43758.547).fract() * 2.0 - 1.0;
+        let kv: Vec<f32> = (0..n_ctx * 2 * 64).map(rnd).collect();
+        let mut masked = KvCache::new(shape.clone());
+        masked.append(0, n_ctx, &kv, &kv.iter().map(|x| x * 0.5).collect::<Vec<_>>());
+        masked.advance(n_ctx);
+        let mut compact = masked.clone();
+        for h in 0..2 {
+            let keep: Vec<bool> = (0..n_ctx).map(|j| rnd(j * 7 + h) > -0.3).collect();
+            masked.evict(0, h, &keep, EvictMode::Mask);
+            compact.evict(0, h, &keep, EvictMode::Compact);
+        }
+        for n in [1, 10, 100] {
+            let q: Vec<f32> = (0..n * n_head * 64).map(|i| rnd(i + 99) * 2.0).collect();
+            let pos: Vec<u32> = (n_ctx - n..n_ctx).map(|p| p as u32).collect();
+            let mut a = vec![0f32; n * n_head * 64];
+            let mut b = a.clone();
+            attention(&masked.layers[0], &shape, n_head, &q, &pos, 0.125, &mut a);
+            attention(&compact.layers[0], &shape, n_head, &q, &pos, 0.125, &mut b);
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            if n < MIN_TILED_BATCH {
+                assert_eq!(a, b, "one-query kernel, {n} queries");
+            } else {
+                assert!(diff < 1e-5, "tiled kernel, {n} queries: max difference {diff}");
+            }
+        }
     }
 }

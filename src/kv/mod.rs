@@ -1,23 +1,36 @@
 //! The KV cache: for every layer and KV head, its own contiguous list of f16 keys,
-//! f16 values and original token positions. Lists are ragged by design, so that
-//! eviction policies can shrink each one independently and really free memory;
-//! attention reads each list as it is, using the stored positions for masking.
+//! f16 values, original token positions and eviction scores. Lists are ragged by
+//! design, so that eviction policies can shrink each one independently and really
+//! free memory; attention reads each list as it is, using the stored positions for
+//! masking.
 //!
-//! Sliding-window layers keep only the last `window` tokens.
+//! Sliding-window layers keep only the last `window` tokens and are never evicted.
 mod attention;
+mod observe;
+mod persist;
+pub mod policy;
 
 pub use attention::attention;
+pub use observe::{observe, KeyFilter, Probe, Reduce};
+pub use persist::{ContextFileError, SavedContext};
+pub use policy::{Level, Policy, PolicyError};
 
 use half::f16;
 
 use crate::kernels::to_f16;
 
-/// Keys, values and positions of one (layer, KV head), in position order.
-#[derive(Debug, Clone, Default)]
+/// Keys, values, positions and scores of one (layer, KV head), in position order.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HeadKv {
     pub k: Vec<f16>,
     pub v: Vec<f16>,
     pub pos: Vec<u32>,
+    /// One score per entry: how much the eviction policy wants to keep it (higher =
+    /// more). New entries start at 0 until the policy scores them.
+    pub score: Vec<f32>,
+    /// Entries hidden from attention without being freed; empty when none are. Only
+    /// [`EvictMode::Mask`] sets it: it exists to check that eviction equals masking.
+    pub masked: Vec<bool>,
 }
 
 impl HeadKv {
@@ -29,20 +42,124 @@ impl HeadKv {
     }
     /// Bytes held (allocated) by this list.
     pub fn bytes(&self) -> usize {
-        (self.k.capacity() + self.v.capacity()) * 2 + self.pos.capacity() * 4
+        (self.k.capacity() + self.v.capacity()) * 2
+            + (self.pos.capacity() + self.score.capacity()) * 4
+            + self.masked.capacity()
+    }
+    /// Whether entry `j` is hidden from attention.
+    pub fn is_masked(&self, j: usize) -> bool {
+        !self.masked.is_empty() && self.masked[j]
+    }
+
+    /// Keep the entries where `keep` is true, in order, and free the others' memory:
+    /// the lists are rebuilt at their new size and the old allocations dropped.
+    fn compact(&mut self, keep: &[bool], dk: usize, dv: usize) {
+        let n = keep.iter().filter(|&&b| b).count();
+        let mut out = HeadKv {
+            k: Vec::with_capacity(n * dk),
+            v: Vec::with_capacity(n * dv),
+            pos: Vec::with_capacity(n),
+            score: Vec::with_capacity(n),
+            masked: Vec::with_capacity(if self.masked.is_empty() { 0 } else { n }),
+        };
+        for (j, _) in keep.iter().enumerate().filter(|(_, &b)| b) {
+            out.k.extend_from_slice(&self.k[j * dk..(j + 1) * dk]);
+            out.v.extend_from_slice(&self.v[j * dv..(j + 1) * dv]);
+            out.pos.push(self.pos[j]);
+            out.score.push(self.score[j]);
+            if !self.masked.is_empty() {
+                out.masked.push(self.masked[j]);
+            }
+        }
+        *self = out;
+    }
+
+    /// Hide the entries where `keep` is false from attention, keeping their memory.
+    fn mask(&mut self, keep: &[bool]) {
+        if self.masked.is_empty() {
+            self.masked = vec![false; self.len()];
+        }
+        for (m, &k) in self.masked.iter_mut().zip(keep) {
+            *m |= !k;
+        }
+    }
+
+    fn shrink_to_fit(&mut self) {
+        self.k.shrink_to_fit();
+        self.v.shrink_to_fit();
+        self.pos.shrink_to_fit();
+        self.score.shrink_to_fit();
+        self.masked.shrink_to_fit();
+    }
+
+    /// Drop entries `n..`.
+    fn truncate(&mut self, n: usize, dk: usize, dv: usize) {
+        self.pos.truncate(n);
+        self.score.truncate(n);
+        self.k.truncate(n * dk);
+        self.v.truncate(n * dv);
+        if !self.masked.is_empty() {
+            self.masked.truncate(n);
+        }
+    }
+
+    /// Drop entries `..n` (sliding windows), moving the rest to the front.
+    fn drop_front(&mut self, n: usize, dk: usize, dv: usize) {
+        self.pos.drain(..n);
+        self.score.drain(..n);
+        self.k.drain(..n * dk);
+        self.v.drain(..n * dv);
+        if !self.masked.is_empty() {
+            self.masked.drain(..n);
+        }
+    }
+
+    /// Make room for `n` more entries. Growth is by an eighth of the list (at least
+    /// 64 entries) rather than doubling, so that a compacted list does not jump back
+    /// to twice its size on the next token.
+    fn reserve(&mut self, n: usize, dk: usize, dv: usize) {
+        if self.pos.len() + n <= self.pos.capacity() {
+            return;
+        }
+        let extra = n.max(self.len() / 8).max(64);
+        self.k.reserve_exact(extra * dk);
+        self.v.reserve_exact(extra * dv);
+        self.pos.reserve_exact(extra);
+        self.score.reserve_exact(extra);
+        if !self.masked.is_empty() {
+            self.masked.reserve_exact(extra);
+        }
     }
 }
 
+/// How eviction removes entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EvictMode {
+    /// Remove them and free their memory (what the runtime does).
+    #[default]
+    Compact,
+    /// Hide them from attention but keep them (to check that eviction equals
+    /// masking; saves nothing).
+    Mask,
+}
+
 /// One layer's cache.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LayerKv {
     pub heads: Vec<HeadKv>,
     /// Sliding window (tokens), for local-attention layers.
     pub window: Option<usize>,
 }
 
+impl LayerKv {
+    /// Whether eviction may shrink this layer (sliding-window layers keep their window).
+    pub fn is_evictable(&self) -> bool {
+        self.window.is_none()
+    }
+}
+
 /// The shape of a cache: what each layer and head stores.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvShape {
     pub n_layer: usize,
     pub n_head_kv: usize,
@@ -52,12 +169,28 @@ pub struct KvShape {
     pub windows: Vec<Option<usize>>,
 }
 
+impl KvShape {
+    /// Bytes one entry (one token of one KV head) takes: keys, values, position, score.
+    pub fn entry_bytes(&self) -> usize {
+        (self.head_dim + self.head_dim_v) * 2 + 8
+    }
+}
+
 /// The whole cache, plus the count of tokens seen (the next token's position).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvCache {
     pub shape: KvShape,
     pub layers: Vec<LayerKv>,
     n_seen: usize,
+}
+
+/// What [`KvCache::checkpoint`] saved, for [`KvCache::rollback`].
+#[derive(Debug)]
+pub struct Checkpoint {
+    n_seen: usize,
+    /// Per layer: the list lengths (evictable layers) or a copy (sliding-window layers,
+    /// which drop old keys as new tokens arrive).
+    layers: Vec<Result<Vec<usize>, LayerKv>>,
 }
 
 impl KvCache {
@@ -112,12 +245,47 @@ impl KvCache {
         let (dk, dv) = (self.shape.head_dim, self.shape.head_dim_v);
         for h in self.layers.iter_mut().flat_map(|l| &mut l.heads) {
             let keep = h.pos.partition_point(|&p| (p as usize) < n);
-            h.pos.truncate(keep);
-            h.k.truncate(keep * dk);
-            h.v.truncate(keep * dv);
+            h.truncate(keep, dk, dv);
         }
         self.n_seen = n;
         true
+    }
+
+    /// Remember the cache as it is, to return to it with [`KvCache::rollback`] after
+    /// running tokens that must leave no trace (the KVzip teacher's repeat pass).
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            n_seen: self.n_seen,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    if l.is_evictable() {
+                        Ok(l.heads.iter().map(HeadKv::len).collect())
+                    } else {
+                        Err(l.clone())
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Return to a checkpoint taken on this cache, dropping every token appended
+    /// since. Scores written meanwhile into entries that existed then are kept.
+    pub fn rollback(&mut self, cp: Checkpoint) {
+        let (dk, dv) = (self.shape.head_dim, self.shape.head_dim_v);
+        for (l, saved) in self.layers.iter_mut().zip(cp.layers) {
+            match saved {
+                Ok(lens) => {
+                    for (h, n) in l.heads.iter_mut().zip(lens) {
+                        h.truncate(n, dk, dv);
+                        h.shrink_to_fit();
+                    }
+                }
+                Err(copy) => *l = copy,
+            }
+        }
+        self.n_seen = cp.n_seen;
     }
 
     /// Record that `n` more tokens have been processed (after all layers appended them),
@@ -125,6 +293,7 @@ impl KvCache {
     pub fn advance(&mut self, n: usize) {
         self.n_seen += n;
         let next = self.n_seen as u64;
+        let (dk, dv) = (self.shape.head_dim, self.shape.head_dim_v);
         for l in &mut self.layers {
             let Some(w) = l.window else { continue };
             for h in &mut l.heads {
@@ -132,22 +301,79 @@ impl KvCache {
                 let keep_from = h.pos.partition_point(|&p| (p as u64) + (w as u64) <= next);
                 // Compact in batches so decode does not move the list every token.
                 if keep_from >= 64 || (keep_from > 0 && keep_from * 4 >= h.len()) {
-                    let (dk, dv) = (self.shape.head_dim, self.shape.head_dim_v);
-                    h.k.drain(..keep_from * dk);
-                    h.v.drain(..keep_from * dv);
-                    h.pos.drain(..keep_from);
+                    h.drop_front(keep_from, dk, dv);
                 }
             }
         }
     }
 
-    /// Bytes held by the cache (what is allocated for keys, values and positions).
+    /// Bytes held by the cache (what is allocated for keys, values, positions and scores).
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
             .flat_map(|l| &l.heads)
             .map(HeadKv::bytes)
             .sum()
+    }
+
+    /// Bytes held by the layers eviction may shrink.
+    pub fn evictable_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| l.is_evictable())
+            .flat_map(|l| &l.heads)
+            .map(HeadKv::bytes)
+            .sum()
+    }
+
+    /// Bytes the cache would hold without eviction: every token seen in every
+    /// evictable list, plus what sliding-window layers hold.
+    pub fn full_bytes(&self) -> usize {
+        let per_layer = self.n_seen * self.shape.n_head_kv * self.shape.entry_bytes();
+        self.layers
+            .iter()
+            .map(|l| {
+                if l.is_evictable() {
+                    per_layer
+                } else {
+                    l.heads.iter().map(HeadKv::bytes).sum()
+                }
+            })
+            .sum()
+    }
+
+    /// Entries held in evictable lists.
+    pub fn evictable_entries(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| l.is_evictable())
+            .flat_map(|l| &l.heads)
+            .map(HeadKv::len)
+            .sum()
+    }
+
+    /// Release the spare capacity of evictable lists, so that after a compression
+    /// the bytes held are the bytes used.
+    pub fn shrink_to_fit(&mut self) {
+        for h in self.layers.iter_mut().filter(|l| l.is_evictable()).flat_map(|l| &mut l.heads) {
+            h.shrink_to_fit();
+        }
+    }
+
+    /// Remove (or, with [`EvictMode::Mask`], hide) entries of list (`il`, `h`) where
+    /// `keep` is false. Sliding-window layers are never evicted.
+    pub fn evict(&mut self, il: usize, h: usize, keep: &[bool], mode: EvictMode) {
+        let layer = &mut self.layers[il];
+        assert!(layer.is_evictable(), "sliding-window layers are not evicted");
+        let head = &mut layer.heads[h];
+        assert_eq!(keep.len(), head.len(), "one keep flag per entry");
+        if keep.iter().all(|&k| k) {
+            return;
+        }
+        match mode {
+            EvictMode::Compact => head.compact(keep, self.shape.head_dim, self.shape.head_dim_v),
+            EvictMode::Mask => head.mask(keep),
+        }
     }
 
     /// Append keys and values of `n` tokens (positions `n_seen..n_seen+n`) to layer `il`.
@@ -160,8 +386,7 @@ impl KvCache {
         );
         let start = self.n_seen;
         for (h, head) in self.layers[il].heads.iter_mut().enumerate() {
-            head.k.reserve(n * dk);
-            head.v.reserve(n * dv);
+            head.reserve(n, dk, dv);
             for t in 0..n {
                 let kr = &k[(t * hk + h) * dk..(t * hk + h + 1) * dk];
                 let vr = &v[(t * hk + h) * dv..(t * hk + h + 1) * dv];
@@ -172,7 +397,23 @@ impl KvCache {
                 head.v.resize(vo + dv, f16::ZERO);
                 to_f16(vr, &mut head.v[vo..]);
                 head.pos.push((start + t) as u32);
+                head.score.push(0.0);
+                if !head.masked.is_empty() {
+                    head.masked.push(false);
+                }
             }
         }
+    }
+}
+
+/// Give memory freed by eviction back to the operating system. glibc keeps freed
+/// blocks below its (adaptive, up to 32 MiB) mmap threshold in its heaps, so without
+/// this the process's resident size would not shrink after a compaction.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own heaps; it takes no pointers from us
+    // and is thread-safe (it locks each arena).
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

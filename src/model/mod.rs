@@ -12,7 +12,7 @@ use crate::gguf::{GgufError, GgufFile};
 use crate::kernels::{
     self, matmul, rmsnorm, rmsnorm_inplace, rope, Activations, GgmlType, QMatrix,
 };
-use crate::kv::{self, KvCache, KvShape};
+use crate::kv::{self, KvCache, KvShape, Probe};
 
 /// What can go wrong loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +240,20 @@ impl Model {
         logits: Logits,
         n_ctx: usize,
     ) -> Result<Vec<f32>, ModelError> {
+        self.forward_observed(tokens, cache, logits, n_ctx, None)
+    }
+
+    /// [`Model::forward`], and with a `probe`, also score the entries of every
+    /// evictable layer by the attention they receive (see [`kv::observe`]). The probe
+    /// changes no output: eviction policies use it, the model does not.
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        n_ctx: usize,
+        probe: Option<&Probe>,
+    ) -> Result<Vec<f32>, ModelError> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
@@ -316,6 +330,17 @@ impl Model {
                 c.attn_scale,
                 &mut attn,
             );
+            if let Some(probe) = probe.filter(|_| cache.layers[il].is_evictable()) {
+                kv::observe(
+                    &mut cache.layers[il],
+                    &cache.shape,
+                    nh,
+                    &q,
+                    &pos,
+                    c.attn_scale,
+                    probe,
+                );
+            }
             let mut acts = Activations::new(&attn, n, nh * hdv);
             matmul(&self.mat(&l.wo), &mut acts, &mut o);
             add_bias(&mut o, l.bo.as_deref());

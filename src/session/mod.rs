@@ -1,7 +1,11 @@
-//! A conversation with a model: the cache, the tokens it holds, and the
-//! prefill/decode loop. Front ends (CLI, server) drive a `Session`; the model never
-//! sees more than one call of `forward` at a time.
-use crate::kv::KvCache;
+//! A conversation with a model: the cache, the tokens it holds, the prefill/decode
+//! loop and the eviction schedule (see [`eviction`]). Front ends (CLI, server) drive
+//! a `Session`; the model never sees more than one call of `forward` at a time.
+mod eviction;
+
+pub use eviction::{CompressReport, EvictionConfig, SessionError, TeacherPrompt, KVZIP_CHUNK};
+
+use crate::kv::{KvCache, Probe};
 use crate::model::{Logits, Model, ModelError};
 
 /// Default number of tokens per prefill call: large enough to amortise reading the
@@ -16,6 +20,12 @@ pub struct Session<'m> {
     n_ctx: usize,
     prefill_chunk: usize,
     peak_kv_bytes: usize,
+    eviction: EvictionConfig,
+    teacher: Option<TeacherPrompt>,
+    /// Positions below this were judged by prefill eviction (or are a protected prefix).
+    judged_below: usize,
+    /// Tokens fed since the decode budget was last enforced.
+    since_budget: usize,
 }
 
 impl<'m> Session<'m> {
@@ -28,6 +38,10 @@ impl<'m> Session<'m> {
             n_ctx: n_ctx.clamp(1, model.config.n_ctx_train),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             peak_kv_bytes: 0,
+            eviction: EvictionConfig::default(),
+            teacher: None,
+            judged_below: 0,
+            since_budget: 0,
         }
     }
 
@@ -58,7 +72,8 @@ impl<'m> Session<'m> {
     }
 
     /// Feed `tokens` after what the cache holds, in chunks; returns the logits of the
-    /// last token (empty if `tokens` is empty).
+    /// last token (empty if `tokens` is empty). Under a decode budget, eviction runs
+    /// as the tokens arrive.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let mut last = Vec::new();
         let n_chunks = tokens.len().div_ceil(self.prefill_chunk);
@@ -68,7 +83,9 @@ impl<'m> Session<'m> {
             } else {
                 Logits::None
             };
-            last = self.forward(chunk, want)?;
+            let probe = self.budget_probe(chunk.len());
+            last = self.forward(chunk, want, probe)?;
+            self.after_feed(chunk.len());
         }
         Ok(last)
     }
@@ -77,15 +94,29 @@ impl<'m> Session<'m> {
     pub fn feed_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let mut all = Vec::with_capacity(tokens.len() * self.model.config.n_vocab);
         for chunk in tokens.chunks(self.prefill_chunk) {
-            all.extend(self.forward(chunk, Logits::All)?);
+            let probe = self.budget_probe(chunk.len());
+            all.extend(self.forward(chunk, Logits::All, probe)?);
+            self.after_feed(chunk.len());
         }
         Ok(all)
     }
 
-    fn forward(&mut self, chunk: &[u32], logits: Logits) -> Result<Vec<f32>, ModelError> {
-        let out = self
-            .model
-            .forward(chunk, &mut self.cache, logits, self.n_ctx)?;
+    /// One forward call, then the scores new entries get on arrival.
+    fn forward(
+        &mut self,
+        chunk: &[u32],
+        logits: Logits,
+        probe: Option<Probe>,
+    ) -> Result<Vec<f32>, ModelError> {
+        let start = self.cache.n_seen();
+        let out = self.model.forward_observed(
+            chunk,
+            &mut self.cache,
+            logits,
+            self.n_ctx,
+            probe.as_ref(),
+        )?;
+        self.score_arrivals(start);
         self.tokens.extend_from_slice(chunk);
         self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
         Ok(out)
@@ -110,6 +141,7 @@ impl<'m> Session<'m> {
             common = 0;
         }
         self.tokens.truncate(common);
+        self.judged_below = self.judged_below.min(common);
         Ok((self.feed(&prompt[common..])?, prompt.len() - common))
     }
 
@@ -117,5 +149,7 @@ impl<'m> Session<'m> {
     pub fn clear(&mut self) {
         self.cache.clear();
         self.tokens.clear();
+        self.judged_below = 0;
+        self.since_budget = 0;
     }
 }

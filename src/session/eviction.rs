@@ -1,0 +1,539 @@
+//! The eviction schedules of the method spec (`fast-kvzip.md`, section 5), driven by
+//! the session: which pairs are candidates when, and with what budget. The policy
+//! (in [`crate::kv::policy`]) only scores and selects; the cache only compacts.
+//!
+//! - **Context compression** ([`Session::feed_context`]): a document is fed in
+//!   chunks after a protected prefix. A recent window of W tokens stays; each token
+//!   is judged once, when it leaves the window, together with every other pair of
+//!   that segment, keeping the top r' = (r*n - W) / (n - W) of them, so that r*n
+//!   pairs of the n context tokens remain in the end. KVzip cannot score as tokens
+//!   arrive: it prefills the whole context, runs its teacher, then judges once.
+//! - **Decode budget** ([`EvictionConfig::budget`]): every 128 tokens fed, if the
+//!   evictable lists hold more than B pairs per list on average, the lowest-scored
+//!   pairs go, never the first 4 tokens nor the last 128.
+use std::path::Path;
+use std::time::Instant;
+
+use super::Session;
+use crate::kv::policy::{max_pool, select, Candidate, SINK_TOKENS, SNAPKV_KERNEL, SNAPKV_WINDOW};
+use crate::kv::{
+    release_freed_memory, ContextFileError, EvictMode, KeyFilter, Level, Policy, Probe, Reduce,
+    SavedContext,
+};
+use crate::model::{Logits, ModelError};
+use crate::tokenizer::{ChatMessage, ChatTemplate, Tokenizer, TokenizerError};
+
+/// Context tokens per KVzip repeat pass (the spec's chunk of 2000).
+pub const KVZIP_CHUNK: usize = 2000;
+/// Tokens of the previous chunk quoted in a later chunk's repeat instruction.
+const KVZIP_QUOTE: usize = 8;
+/// The decode budget is enforced every this many tokens...
+const BUDGET_PERIOD: usize = 128;
+/// ...and never touches the most recent this many.
+const BUDGET_RECENT: usize = 128;
+/// The prefill window, when not given: 2% of the context, at most 4096.
+const MAX_DEFAULT_WINDOW: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    ContextFile(#[from] ContextFileError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("invalid eviction settings: {0}")]
+    BadEviction(String),
+    #[error("the kvzip policy needs its repeat prompt (TeacherPrompt) to be set")]
+    NoTeacherPrompt,
+    #[error(
+        "the kvzip teacher needs {needed} positions but the model knows {n_ctx_train}: use a shorter context"
+    )]
+    TeacherTooLong { needed: usize, n_ctx_train: usize },
+    #[error("the saved context holds {n} tokens but this session's context is {n_ctx} (raise -c)")]
+    SavedTooLong { n: usize, n_ctx: usize },
+}
+
+/// How a session evicts. The default evicts nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvictionConfig {
+    pub policy: Policy,
+    /// Fraction of a compressed context's pairs to keep, in (0, 1].
+    pub keep: f64,
+    pub level: Level,
+    /// Recent window W of context compression; None = 2% of the context, at most 4096.
+    pub window: Option<usize>,
+    /// Decode budget: pairs per (layer, KV head) list on average; None = no budget.
+    pub budget: Option<usize>,
+    /// Seed of the random policy.
+    pub seed: u64,
+    pub mode: EvictMode,
+}
+
+impl Default for EvictionConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Full,
+            keep: 1.0,
+            level: Level::Global,
+            window: None,
+            budget: None,
+            seed: 0,
+            mode: EvictMode::Compact,
+        }
+    }
+}
+
+impl EvictionConfig {
+    /// A policy at a keep ratio, with the policy's default selection level.
+    pub fn new(policy: Policy, keep: f64) -> Self {
+        Self {
+            policy,
+            keep,
+            level: policy.default_level(),
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), SessionError> {
+        let bad = |m: String| Err(SessionError::BadEviction(m));
+        if !(self.keep > 0.0 && self.keep <= 1.0) {
+            return bad(format!("the keep ratio must lie in (0, 1], got {}", self.keep));
+        }
+        if self.budget == Some(0) {
+            return bad("the decode budget must be at least 1 pair per head".into());
+        }
+        if self.budget.is_some() && !self.policy.scores_incrementally() {
+            return bad(format!(
+                "{} scores a whole context at once and cannot run under a decode budget; \
+                 use --kv-keep, or a policy that scores tokens as they arrive \
+                 (streaming, h2o, snapkv, random)",
+                self.policy
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether anything would ever be evicted.
+    pub fn is_active(&self) -> bool {
+        self.policy != Policy::Full && (self.keep < 1.0 || self.budget.is_some())
+    }
+}
+
+/// The KVzip teacher's repeat prompt, as token ids: the instruction for the first
+/// chunk, the one for later chunks (followed by the previous chunk's last 8 tokens),
+/// and the header that opens the assistant's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeacherPrompt {
+    pub first: Vec<u32>,
+    pub next: Vec<u32>,
+    pub header: Vec<u32>,
+}
+
+impl TeacherPrompt {
+    /// The spec's prompt, with the chat template's assistant header (what the
+    /// template puts between a user message and the reply), or `"\n\nAnswer: "` for
+    /// a model without a template.
+    pub fn new(tokenizer: &Tokenizer, template: &ChatTemplate) -> Result<Self, SessionError> {
+        let header = if template.is_fallback() {
+            "\n\nAnswer: ".to_string()
+        } else {
+            const MARK: &str = "\u{1}";
+            let r = template.render(&[ChatMessage::user(MARK)], true)?;
+            r.split_once(MARK).map(|(_, h)| h.to_string()).unwrap_or_default()
+        };
+        let enc = |s: &str| tokenizer.encode(s, false, true);
+        Ok(Self {
+            first: enc("\n\nRepeat the previous context exactly."),
+            next: enc("\n\nRepeat the part of the previous context exactly, starting with "),
+            header: enc(&header),
+        })
+    }
+}
+
+/// What compressing a context did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct CompressReport {
+    pub n_context: usize,
+    /// Recent window kept whole.
+    pub window: usize,
+    /// KV bytes a full cache would hold after the context.
+    pub kv_bytes_full: usize,
+    /// KV bytes held after compression.
+    pub kv_bytes: usize,
+    pub prefill_ms: f64,
+    /// Time of the KVzip teacher's repeat passes (0 for other policies).
+    pub teacher_ms: f64,
+}
+
+impl Session<'_> {
+    /// Use these eviction settings from now on.
+    pub fn set_eviction(&mut self, cfg: EvictionConfig) -> Result<(), SessionError> {
+        cfg.validate()?;
+        self.eviction = cfg;
+        Ok(())
+    }
+
+    pub fn eviction(&self) -> &EvictionConfig {
+        &self.eviction
+    }
+
+    /// The repeat prompt the kvzip policy uses.
+    pub fn set_teacher_prompt(&mut self, t: TeacherPrompt) {
+        self.teacher = Some(t);
+    }
+
+    /// Feed `prefix` (kept whole: template, system prompt), then compress `context`
+    /// while feeding it, as the eviction settings say. Returns the logits after the
+    /// context and what the compression did. Nothing after the context is seen
+    /// before it is compressed: the compression is query-agnostic.
+    pub fn feed_context(
+        &mut self,
+        prefix: &[u32],
+        context: &[u32],
+    ) -> Result<(Vec<f32>, CompressReport), SessionError> {
+        let t0 = Instant::now();
+        let mut logits = self.feed(prefix)?;
+        let ctx_start = self.cache.n_seen();
+        // The prefix, and at least the first tokens (attention sinks), are never judged.
+        self.judged_below = self.judged_below.max(ctx_start).max(SINK_TOKENS);
+        let n = context.len();
+        let cfg = self.eviction.clone();
+        let window = cfg
+            .window
+            .unwrap_or((n / 50).min(MAX_DEFAULT_WINDOW))
+            .min((cfg.keep * n as f64).floor() as usize);
+        let mut report = CompressReport {
+            n_context: n,
+            window,
+            ..CompressReport::default()
+        };
+        if cfg.policy == Policy::Full || cfg.keep >= 1.0 || n == 0 {
+            if !context.is_empty() {
+                logits = self.feed(context)?;
+            }
+        } else {
+            // Ratio for the tokens outside the window, so that r*n pairs remain.
+            let keep_outside = if n > window {
+                (cfg.keep * n as f64 - window as f64) / (n - window) as f64
+            } else {
+                1.0
+            };
+            if cfg.policy.scores_incrementally() {
+                let n_chunks = n.div_ceil(self.prefill_chunk);
+                for (i, chunk) in context.chunks(self.prefill_chunk).enumerate() {
+                    if cfg.policy == Policy::SnapKv {
+                        self.reset_scores(0);
+                    }
+                    let probe = cfg.policy.probe(chunk.len());
+                    logits = self.forward(chunk, last_logits(i, n_chunks), probe)?;
+                    if cfg.policy == Policy::SnapKv {
+                        self.pool_scores();
+                    }
+                    let judge_to = self.cache.n_seen().saturating_sub(window);
+                    self.judge(judge_to, keep_outside);
+                }
+            } else {
+                if self.teacher.is_none() {
+                    return Err(SessionError::NoTeacherPrompt);
+                }
+                let n_chunks = n.div_ceil(self.prefill_chunk);
+                for (i, chunk) in context.chunks(self.prefill_chunk).enumerate() {
+                    logits = self.forward(chunk, last_logits(i, n_chunks), None)?;
+                }
+                let t = Instant::now();
+                self.run_teacher(ctx_start, self.cache.n_seen())?;
+                report.teacher_ms = t.elapsed().as_secs_f64() * 1e3;
+                let judge_to = self.cache.n_seen().saturating_sub(window);
+                self.judge(judge_to, keep_outside);
+            }
+            if cfg.mode == EvictMode::Compact {
+                self.cache.shrink_to_fit();
+                release_freed_memory();
+            }
+        }
+        report.kv_bytes_full = self.cache.full_bytes();
+        report.kv_bytes = self.cache.bytes();
+        report.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok((logits, report))
+    }
+
+    /// Score every context pair with the KVzip teacher: for each chunk of the context
+    /// `ctx_start..ctx_end`, run the repeat prompt and that chunk after the context,
+    /// take each pair's largest attention probability, then drop the repeat's KV.
+    pub fn run_teacher(&mut self, ctx_start: usize, ctx_end: usize) -> Result<(), SessionError> {
+        let t = self.teacher.clone().ok_or(SessionError::NoTeacherPrompt)?;
+        let n_ctx_train = self.model.config.n_ctx_train;
+        // The longest repeat input: instruction, header and one chunk.
+        let n = ctx_end - ctx_start;
+        let longest = t.header.len()
+            + if n > KVZIP_CHUNK {
+                t.first.len().max(t.next.len() + KVZIP_QUOTE) + KVZIP_CHUNK
+            } else {
+                t.first.len() + n
+            };
+        let needed = self.cache.n_seen() + longest;
+        if needed > n_ctx_train {
+            return Err(SessionError::TeacherTooLong {
+                needed,
+                n_ctx_train,
+            });
+        }
+        for h in self.evictable_heads_mut() {
+            let from = h.pos.partition_point(|&p| (p as usize) < ctx_start);
+            let to = h.pos.partition_point(|&p| (p as usize) < ctx_end);
+            h.score[from..to].fill(0.0);
+        }
+        let own_from = self.cache.n_seen() as u32;
+        for chunk_start in (ctx_start..ctx_end).step_by(KVZIP_CHUNK) {
+            let chunk_end = (chunk_start + KVZIP_CHUNK).min(ctx_end);
+            let mut input = if chunk_start == ctx_start {
+                t.first.clone()
+            } else {
+                let mut v = t.next.clone();
+                v.extend_from_slice(&self.tokens[chunk_start - KVZIP_QUOTE..chunk_start]);
+                v
+            };
+            input.extend_from_slice(&t.header);
+            input.extend_from_slice(&self.tokens[chunk_start..chunk_end]);
+            let probe = Probe {
+                first_row: 0,
+                reduce: Reduce::Max,
+                keys: KeyFilter::Chunk {
+                    prefix_end: ctx_start as u32,
+                    chunk_start: chunk_start as u32,
+                    chunk_end: chunk_end as u32,
+                    own_from,
+                },
+            };
+            let checkpoint = self.cache.checkpoint();
+            let mut result = Ok(());
+            for sub in input.chunks(self.prefill_chunk) {
+                result = self
+                    .model
+                    .forward_observed(sub, &mut self.cache, Logits::None, n_ctx_train, Some(&probe))
+                    .map(drop);
+                if result.is_err() {
+                    break;
+                }
+            }
+            self.cache.rollback(checkpoint);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Judge the pairs of positions `judged_below..to` in evictable lists: keep the
+    /// best `keep` fraction of them (at the configured level), evict the rest.
+    fn judge(&mut self, to: usize, keep: f64) {
+        let from = self.judged_below;
+        if to <= from {
+            return;
+        }
+        let cands = self.candidates(|p| (from..to).contains(&p));
+        self.evict_unselected(&cands, keep);
+        self.judged_below = to;
+    }
+
+    /// Pairs of evictable lists whose position passes `admit` and that are not
+    /// already masked.
+    fn candidates(&self, admit: impl Fn(usize) -> bool) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        for (il, l) in self.cache.layers.iter().enumerate() {
+            if !l.is_evictable() {
+                continue;
+            }
+            for (h, head) in l.heads.iter().enumerate() {
+                for (j, (&pos, &score)) in head.pos.iter().zip(&head.score).enumerate() {
+                    if admit(pos as usize) && !head.is_masked(j) {
+                        out.push(Candidate {
+                            layer: il,
+                            head: h,
+                            index: j,
+                            pos,
+                            score,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Keep the best `keep` fraction of `cands`, evict the others, and give the
+    /// memory back.
+    fn evict_unselected(&mut self, cands: &[Candidate], keep: f64) {
+        let flags = select(cands, keep, self.eviction.level);
+        if flags.iter().all(|&k| k) {
+            return;
+        }
+        let mode = self.eviction.mode;
+        let mut i = 0;
+        while i < cands.len() {
+            let (il, h) = (cands[i].layer, cands[i].head);
+            let mut keep_list = vec![true; self.cache.layers[il].heads[h].len()];
+            while i < cands.len() && (cands[i].layer, cands[i].head) == (il, h) {
+                keep_list[cands[i].index] = flags[i];
+                i += 1;
+            }
+            self.cache.evict(il, h, &keep_list, mode);
+        }
+        if mode == EvictMode::Compact {
+            release_freed_memory();
+        }
+    }
+
+    fn evictable_heads_mut(&mut self) -> impl Iterator<Item = &mut crate::kv::HeadKv> {
+        self.cache
+            .layers
+            .iter_mut()
+            .filter(|l| l.is_evictable())
+            .flat_map(|l| l.heads.iter_mut())
+    }
+
+    /// Set the scores of evictable entries at positions `from..` to 0 (SnapKV starts
+    /// every observation afresh).
+    fn reset_scores(&mut self, from: usize) {
+        for h in self.evictable_heads_mut() {
+            let j = h.pos.partition_point(|&p| (p as usize) < from);
+            h.score[j..].fill(0.0);
+        }
+    }
+
+    /// SnapKV's max-pooling of every evictable list's scores.
+    fn pool_scores(&mut self) {
+        for h in self.evictable_heads_mut() {
+            max_pool(&mut h.score, SNAPKV_KERNEL);
+        }
+    }
+
+    /// Arrival scores for the entries from position `start` on (streaming: recency;
+    /// random: a seeded draw). Policies that observe attention set their own.
+    pub(super) fn score_arrivals(&mut self, start: usize) {
+        let (policy, seed) = (self.eviction.policy, self.eviction.seed);
+        if !self.eviction.is_active() || !matches!(policy, Policy::Streaming | Policy::Random) {
+            return;
+        }
+        for (il, l) in self.cache.layers.iter_mut().enumerate() {
+            if !l.is_evictable() {
+                continue;
+            }
+            for (h, head) in l.heads.iter_mut().enumerate() {
+                let j0 = head.pos.partition_point(|&p| (p as usize) < start);
+                for j in j0..head.len() {
+                    head.score[j] = policy.arrival_score(seed, il, h, head.pos[j]);
+                }
+            }
+        }
+    }
+
+    /// The attention to observe while feeding `n` tokens outside context compression:
+    /// H2O always (it accumulates), SnapKV over the last 32 tokens before the decode
+    /// budget is next enforced (its observation window; scores restart there).
+    pub(super) fn budget_probe(&mut self, n: usize) -> Option<Probe> {
+        let policy = self.eviction.policy;
+        if !self.eviction.is_active() || self.eviction.budget.is_none() {
+            return None;
+        }
+        match policy {
+            Policy::H2o => policy.probe(n),
+            Policy::SnapKv => {
+                let (s, end) = (self.since_budget, self.since_budget + n);
+                let window_start = if end >= BUDGET_PERIOD {
+                    end - SNAPKV_WINDOW
+                } else {
+                    BUDGET_PERIOD - SNAPKV_WINDOW
+                };
+                if end <= window_start {
+                    return None;
+                }
+                if window_start >= s {
+                    self.reset_scores(0);
+                }
+                Some(Probe {
+                    first_row: window_start.saturating_sub(s),
+                    reduce: Reduce::Sum,
+                    keys: KeyFilter::Visible,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Count fed tokens and enforce the decode budget every 128 of them.
+    pub(super) fn after_feed(&mut self, n: usize) {
+        let Some(budget) = self.eviction.budget.filter(|_| self.eviction.is_active()) else {
+            return;
+        };
+        self.since_budget += n;
+        if self.since_budget < BUDGET_PERIOD {
+            return;
+        }
+        self.since_budget = 0;
+        if self.eviction.policy == Policy::SnapKv {
+            self.pool_scores();
+        }
+        let n_seen = self.cache.n_seen();
+        let recent_from = n_seen.saturating_sub(BUDGET_RECENT);
+        let cands = self.candidates(|p| p >= SINK_TOKENS && p < recent_from);
+        let n_lists = self
+            .cache
+            .layers
+            .iter()
+            .filter(|l| l.is_evictable())
+            .count()
+            * self.cache.shape.n_head_kv;
+        let live: usize = self
+            .cache
+            .layers
+            .iter()
+            .filter(|l| l.is_evictable())
+            .flat_map(|l| &l.heads)
+            .map(|h| (0..h.len()).filter(|&j| !h.is_masked(j)).count())
+            .sum();
+        let protected = live - cands.len();
+        let allowed = (budget * n_lists).saturating_sub(protected);
+        if cands.len() > allowed {
+            self.evict_unselected(&cands, allowed as f64 / cands.len() as f64);
+        }
+    }
+
+    /// Save the context (tokens, compressed cache, eviction progress) to `path`.
+    pub fn save_context(&self, path: &Path) -> Result<(), SessionError> {
+        SavedContext::save(
+            path,
+            self.model.file().fingerprint(),
+            &self.tokens,
+            &self.cache,
+            self.judged_below as u32,
+        )?;
+        Ok(())
+    }
+
+    /// Replace this session's context by one saved with [`Session::save_context`] for
+    /// the same model.
+    pub fn load_context(&mut self, path: &Path) -> Result<(), SessionError> {
+        let saved = SavedContext::load(path, self.model.file().fingerprint(), &self.model.kv_shape())?;
+        if saved.tokens.len() >= self.n_ctx {
+            return Err(SessionError::SavedTooLong {
+                n: saved.tokens.len(),
+                n_ctx: self.n_ctx,
+            });
+        }
+        self.tokens = saved.tokens;
+        self.cache = saved.cache;
+        self.judged_below = saved.judged_below as usize;
+        self.since_budget = 0;
+        self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
+        Ok(())
+    }
+}
+
+/// Logits only for the last of `n` chunks.
+fn last_logits(i: usize, n: usize) -> Logits {
+    if i + 1 == n {
+        Logits::Last
+    } else {
+        Logits::None
+    }
+}
