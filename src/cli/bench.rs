@@ -164,7 +164,7 @@ fn fastkv_run(session: &mut Session, tokens: &TokenSource, test: &TestSpec) -> R
         session.feed(&tokens.ids(0, test.n_depth))?;
     }
     let ids = tokens.ids(test.n_depth, test.n_tokens());
-    let kv_start = session.kv_bytes();
+    let kv_start = kv_read_bytes(session);
     let t = Instant::now();
     if test.n_prompt > 0 {
         session.feed(&ids)?;
@@ -177,8 +177,20 @@ fn fastkv_run(session: &mut Session, tokens: &TokenSource, test: &TestSpec) -> R
     Ok(Sample {
         secs,
         kv_start,
-        kv_end: session.kv_bytes(),
+        kv_end: kv_read_bytes(session),
     })
+}
+
+/// Bytes of keys and values (f16) a decode step reads: what the cache holds, not
+/// what it has allocated (`Session::kv_bytes`, which counts spare capacity).
+fn kv_read_bytes(session: &Session) -> usize {
+    let c = session.cache();
+    let per_token = (c.shape.head_dim + c.shape.head_dim_v) * 2;
+    c.layers
+        .iter()
+        .flat_map(|l| &l.heads)
+        .map(|h| h.len() * per_token)
+        .sum()
 }
 
 /// The same run on llama.cpp.
