@@ -213,3 +213,122 @@ fn bad_input_gives_errors_not_panics() {
         assert_clean_error(&out, "need at least");
     }
 }
+
+/// `fastkv bench -o json`, parsed; None (test skipped) without the default model.
+fn bench_json(extra: &[&str]) -> Option<serde_json::Value> {
+    let path = model(SMOLLM2)?;
+    let mut args = vec!["bench", "-m", path.to_str().unwrap(), "-o", "json"];
+    args.extend_from_slice(extra);
+    let out = fastkv(&args, None);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    Some(serde_json::from_slice(&out.stdout).expect("bench -o json prints JSON"))
+}
+
+fn test_names(report: &serde_json::Value) -> Vec<String> {
+    report["tests"]
+        .as_array()
+        .expect("a tests array")
+        .iter()
+        .map(|t| t["test"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn bench_json_reports_every_test_with_speeds() {
+    let Some(r) = bench_json(&["-p", "16", "-n", "4", "-r", "2", "-t", "2"]) else {
+        return;
+    };
+    assert_eq!(test_names(&r), ["pp16", "tg4"]);
+    assert_eq!(r["n_threads"], 2);
+    assert_eq!(r["backend"], "CPU");
+    assert!(r["model_n_params"].as_u64().unwrap() > 100_000_000);
+    assert!(r["memory_bandwidth_gbs"].as_f64().unwrap() > 0.0);
+    for t in r["tests"].as_array().unwrap() {
+        assert!(t["avg_ts"].as_f64().unwrap() > 0.0, "{t}");
+        assert_eq!(t["samples_ts"].as_array().unwrap().len(), 2);
+    }
+    let tg = &r["tests"][1];
+    assert!(tg["bytes_per_token"].as_f64().unwrap() > r["model_size"].as_f64().unwrap() * 0.5);
+    assert!(tg["achieved_gbs"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_depth_names_tests_as_llama_bench() {
+    let Some(r) = bench_json(&["-p", "16", "-n", "2", "-d", "0,32", "-r", "1"]) else {
+        return;
+    };
+    assert_eq!(test_names(&r), ["pp16", "tg2", "pp16 @ d32", "tg2 @ d32"]);
+}
+
+#[test]
+fn bench_compares_with_llama_cpp() {
+    let Some(r) = bench_json(&["--compare", "llama.cpp", "-p", "16", "-n", "4", "-r", "1"]) else {
+        return;
+    };
+    assert_eq!(r["compare"], "llama.cpp");
+    assert_eq!(test_names(&r), ["pp16", "tg4"]);
+    for t in r["tests"].as_array().unwrap() {
+        let ours = t["fastkv_tps"].as_f64().unwrap();
+        let theirs = t["llama_cpp_tps"].as_f64().unwrap();
+        assert!(ours > 0.0 && theirs > 0.0, "{t}");
+        assert!((t["ratio"].as_f64().unwrap() - ours / theirs).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn bench_prints_markdown_and_csv() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let p = path.to_str().unwrap();
+    let out = fastkv(&["bench", "-m", p, "-p", "8", "-n", "2", "-r", "1"], None);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let md = text(&out.stdout);
+    let lines: Vec<&str> = md.lines().collect();
+    for col in [
+        "model", "size", "params", "backend", "threads", "test", "t/s",
+    ] {
+        assert!(lines[0].contains(col), "header lacks {col}: {md}");
+    }
+    assert!(lines[1].starts_with("| ---"), "{md}");
+    assert!(
+        lines[2].contains("llama 135M Q4_1") && lines[2].contains("pp8"),
+        "{md}"
+    );
+    assert!(lines[3].contains("tg2") && lines[3].contains(" ± "), "{md}");
+    assert!(md.contains("memory bandwidth"), "{md}");
+
+    let out = fastkv(
+        &[
+            "bench", "-m", p, "-p", "8", "-n", "2", "-r", "1", "-o", "csv",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let csv = text(&out.stdout);
+    let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert!(rows.iter().all(|r| r.len() == rows[0].len()), "{csv}");
+    let col = rows[0].iter().position(|&c| c == "avg_ts").unwrap();
+    assert!(rows[1][col].parse::<f64>().unwrap() > 0.0, "{csv}");
+    assert_eq!(
+        rows[2][rows[0].iter().position(|&c| c == "test").unwrap()],
+        "\"tg2\""
+    );
+}
+
+#[test]
+fn bench_rejects_bad_values() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let p = path.to_str().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "-m", p];
+        args.extend_from_slice(extra);
+        fastkv(&args, None)
+    };
+    assert_clean_error(&bench(&["-p", "0", "-n", "0"]), "nothing to measure");
+    assert_clean_error(&bench(&["-o", "xml"]), "xml");
+    assert_clean_error(&bench(&["--compare", "vllm"]), "vllm");
+    assert_clean_error(&bench(&["-t", "0"]), "--threads");
+    assert_clean_error(&bench(&["-r", "0"]), "--repetitions");
+    assert_clean_error(&bench(&["-p", "abc"]), "abc");
+    assert_clean_error(&bench(&["-p", "16", "-d", "100000"]), "context");
+}

@@ -1,4 +1,5 @@
 //! The `fastkv` command line: subcommands and flags named as llama.cpp names them.
+mod bench;
 mod chat;
 mod inspect;
 mod perplexity;
@@ -40,6 +41,9 @@ pub enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Print a model's architecture, hyper-parameters, tokenizer and tensors.
     Inspect(inspect::InspectArgs),
+    /// Prompt and generation speed as llama-bench measures it (`--compare llama.cpp`:
+    /// side by side with llama.cpp).
+    Bench(bench::BenchArgs),
 }
 
 /// Flags shared by every command that runs a model.
@@ -216,6 +220,7 @@ pub fn main() -> Result<()> {
         Command::Chat(a) => chat::chat(a),
         Command::Perplexity(a) => perplexity::perplexity(a),
         Command::Inspect(a) => inspect::inspect(a),
+        Command::Bench(a) => bench::bench(a),
     }
 }
 

@@ -1,0 +1,767 @@
+//! `fastkv bench`: prompt-processing and generation speed, measured as llama.cpp's
+//! `llama-bench` measures them (same flags, test names and table), optionally side by
+//! side with llama.cpp itself, plus a decode roofline: bytes read per generated token
+//! against a memory bandwidth the bench measures on the spot.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, ValueEnum};
+use ggml_sys::reference::{RefContext, RefContextParams, RefModel};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::ModelArgs;
+use crate::gguf::GgufFile;
+use crate::session::Session;
+
+/// Tokens per forward pass: llama-bench's default micro-batch (`-ub 512`; its `-b 2048`
+/// batch is split into micro-batches of this size), so `pp512` is exactly one forward
+/// of 512 tokens on both sides.
+const UBATCH: usize = 512;
+
+/// llama-bench's CPU default is `-fa auto`, which this llama.cpp resolves to enabled
+/// on the CPU backend (it supports the fused flash-attention op); fastkv's attention
+/// mirrors that path, so the comparison runs llama.cpp with flash attention on.
+const LLAMA_FLASH_ATTN: bool = true;
+
+/// Bytes the bandwidth probe reads per pass: far larger than any CPU cache, so the
+/// figure is DRAM bandwidth, not cache bandwidth.
+const BANDWIDTH_BYTES: usize = 1 << 30;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// GGUF model file (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<PathBuf>,
+    /// Prompt lengths: one `ppN` test each (comma-separated; 0 = none).
+    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_values_t = [512])]
+    pub n_prompt: Vec<usize>,
+    /// Generation lengths: one `tgN` test each (comma-separated; 0 = none).
+    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_values_t = [128])]
+    pub n_gen: Vec<usize>,
+    /// Context depths: fill the cache with this many tokens (untimed) before each test.
+    #[arg(short = 'd', long = "n-depth", value_delimiter = ',', default_values_t = [0])]
+    pub n_depth: Vec<usize>,
+    /// Number of threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Timed repetitions of each test (after one untimed warm-up).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub reps: usize,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Md)]
+    pub output: Format,
+    /// Also run another runtime on the same model, alternating runs, and report both
+    /// (medians) and the ratio fastkv / other.
+    #[arg(long = "compare", value_enum)]
+    pub compare: Option<Compare>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Md,
+    Json,
+    Csv,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compare {
+    /// llama.cpp built from the same ggml source, through the ggml-sys crate.
+    #[value(name = "llama.cpp")]
+    LlamaCpp,
+}
+
+/// One test: `n_prompt` tokens in one go or `n_gen` single-token steps, after
+/// `n_depth` tokens already in the cache. Exactly one of n_prompt / n_gen is > 0.
+#[derive(Debug, Clone, Copy)]
+struct TestSpec {
+    n_prompt: usize,
+    n_gen: usize,
+    n_depth: usize,
+}
+
+impl TestSpec {
+    /// llama-bench's test name: `pp512`, `tg128`, `pp512 @ d4096`.
+    fn name(&self) -> String {
+        let base = if self.n_prompt > 0 {
+            format!("pp{}", self.n_prompt)
+        } else {
+            format!("tg{}", self.n_gen)
+        };
+        if self.n_depth > 0 {
+            format!("{base} @ d{}", self.n_depth)
+        } else {
+            base
+        }
+    }
+    fn n_tokens(&self) -> usize {
+        self.n_prompt + self.n_gen
+    }
+    /// Cache room the test needs.
+    fn n_ctx(&self) -> usize {
+        self.n_depth + self.n_tokens()
+    }
+}
+
+/// llama-bench's order: for each depth, the prompt tests, then the generation tests.
+fn test_specs(a: &BenchArgs) -> Vec<TestSpec> {
+    let mut out = Vec::new();
+    for &n_depth in &a.n_depth {
+        for &n_prompt in a.n_prompt.iter().filter(|&&n| n > 0) {
+            out.push(TestSpec {
+                n_prompt,
+                n_gen: 0,
+                n_depth,
+            });
+        }
+        for &n_gen in a.n_gen.iter().filter(|&&n| n > 0) {
+            out.push(TestSpec {
+                n_prompt: 0,
+                n_gen,
+                n_depth,
+            });
+        }
+    }
+    out
+}
+
+/// The token ids a run feeds, with no tokenizer involved (tokenization is not part
+/// of what llama-bench times): BOS first when the model adds one, as llama-bench does,
+/// then ids cycling through the lower vocabulary. Both runtimes get the same ids.
+struct TokenSource {
+    bos: Option<u32>,
+    n_vocab: usize,
+}
+
+impl TokenSource {
+    /// Ids `start..start + n` of the run's sequence.
+    fn ids(&self, start: usize, n: usize) -> Vec<u32> {
+        (start..start + n)
+            .map(|i| match self.bos {
+                Some(b) if i == 0 => b,
+                _ => ((100 + i * 7 % 1000) % self.n_vocab) as u32,
+            })
+            .collect()
+    }
+}
+
+/// What one timed run of the fastkv side saw.
+struct Sample {
+    secs: f64,
+    /// KV bytes held when the timed part started and ended (for the roofline).
+    kv_start: usize,
+    kv_end: usize,
+}
+
+/// One run of `test` on fastkv: clear, fill the cache to the test's depth (untimed),
+/// then time the prompt forward or the decode steps. Everything about the cache
+/// (size, later eviction policy) comes with `session`, so options that change it plug
+/// in where the session is made.
+fn fastkv_run(session: &mut Session, tokens: &TokenSource, test: &TestSpec) -> Result<Sample> {
+    session.clear();
+    if test.n_depth > 0 {
+        session.feed(&tokens.ids(0, test.n_depth))?;
+    }
+    let ids = tokens.ids(test.n_depth, test.n_tokens());
+    let kv_start = kv_read_bytes(session);
+    let t = Instant::now();
+    if test.n_prompt > 0 {
+        session.feed(&ids)?;
+    } else {
+        for &id in &ids {
+            session.feed(&[id])?;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(Sample {
+        secs,
+        kv_start,
+        kv_end: kv_read_bytes(session),
+    })
+}
+
+/// Bytes of keys and values (f16) a decode step reads: what the cache holds, not
+/// what it has allocated (`Session::kv_bytes`, which counts spare capacity).
+fn kv_read_bytes(session: &Session) -> usize {
+    let c = session.cache();
+    let per_token = (c.shape.head_dim + c.shape.head_dim_v) * 2;
+    c.layers
+        .iter()
+        .flat_map(|l| &l.heads)
+        .map(|h| h.len() * per_token)
+        .sum()
+}
+
+/// The same run on llama.cpp.
+fn llama_run(ctx: &mut RefContext, tokens: &TokenSource, test: &TestSpec) -> Result<f64> {
+    let to_i32 = |v: Vec<u32>| v.into_iter().map(|t| t as i32).collect::<Vec<_>>();
+    ctx.clear();
+    if test.n_depth > 0 {
+        ctx.eval(&to_i32(tokens.ids(0, test.n_depth)), false)
+            .map_err(|e| anyhow!(e))?;
+    }
+    let ids = to_i32(tokens.ids(test.n_depth, test.n_tokens()));
+    let t = Instant::now();
+    if test.n_prompt > 0 {
+        ctx.eval(&ids, false).map_err(|e| anyhow!(e))?;
+    } else {
+        for &id in &ids {
+            ctx.eval(&[id], false).map_err(|e| anyhow!(e))?;
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// The untimed warm-up llama-bench does before a test: the prompt once, or one
+/// generation step (page faults of the weights, thread start-up, allocations).
+fn warm_up(test: &TestSpec) -> TestSpec {
+    TestSpec {
+        n_depth: 0,
+        n_gen: test.n_gen.min(1),
+        ..*test
+    }
+}
+
+/// Mean and sample standard deviation.
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len().is_multiple_of(2) {
+        (s[m - 1] + s[m]) / 2.0
+    } else {
+        s[m]
+    }
+}
+
+/// The model as llama-bench describes it.
+#[derive(Debug, Serialize)]
+struct ModelInfo {
+    model_filename: String,
+    /// `arch size type`, e.g. `llama 135M Q4_1`.
+    model_type: String,
+    /// Bytes of all tensors.
+    model_size: usize,
+    model_n_params: usize,
+    /// Bytes of weights read to generate one token: every tensor but the token
+    /// embedding, the output projection (the embedding again when tied), one
+    /// embedding row.
+    #[serde(skip)]
+    weight_bytes_per_token: usize,
+}
+
+/// llama.cpp's name of a `general.file_type` (llama_ftype_name).
+fn ftype_name(ftype: u64) -> Option<&'static str> {
+    Some(match ftype {
+        0 => "all F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K - Medium",
+        11 => "Q3_K - Small",
+        12 => "Q3_K - Medium",
+        13 => "Q3_K - Large",
+        14 => "Q4_K - Small",
+        15 => "Q4_K - Medium",
+        16 => "Q5_K - Small",
+        17 => "Q5_K - Medium",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return None,
+    })
+}
+
+fn model_info(f: &GgufFile, path: &std::path::Path, n_vocab: usize) -> ModelInfo {
+    let tensors = f.tensors();
+    let size: usize = tensors.iter().map(|t| t.n_bytes).sum();
+    let params: usize = tensors.iter().map(|t| t.n_elements()).sum();
+    let embd = tensors
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .map_or(0, |t| t.n_bytes);
+    let tied = !tensors.iter().any(|t| t.name == "output.weight");
+    let weight_bytes_per_token = size - embd + if tied { embd } else { 0 } + embd / n_vocab.max(1);
+    let arch = f.get_str("general.architecture").unwrap_or("?");
+    let label = f.get_str("general.size_label").map_or_else(
+        || {
+            if params < 1_000_000_000 {
+                format!("{}M", (params as f64 / 1e6).round())
+            } else {
+                format!("{:.1}B", params as f64 / 1e9)
+            }
+        },
+        str::to_string,
+    );
+    let ftype = f
+        .get_u64("general.file_type")
+        .and_then(ftype_name)
+        .unwrap_or("?");
+    ModelInfo {
+        model_filename: path.display().to_string(),
+        model_type: format!("{arch} {label} {ftype}"),
+        model_size: size,
+        model_n_params: params,
+        weight_bytes_per_token,
+    }
+}
+
+/// Read bandwidth of main memory with `rayon`'s threads (the bench's thread count):
+/// each thread sums its share of a buffer much larger than the caches; the best of a
+/// few passes, in GB/s (1e9 bytes).
+fn memory_bandwidth_gbs() -> f64 {
+    let n = BANDWIDTH_BYTES / 8;
+    // Non-zero contents: an all-zero allocation can map every page to the one shared
+    // zero page, which would measure cache bandwidth instead.
+    let mut buf = vec![0u64; n];
+    let chunk = n.div_ceil(rayon::current_num_threads());
+    buf.par_chunks_mut(chunk).enumerate().for_each(|(c, s)| {
+        for (i, x) in s.iter_mut().enumerate() {
+            *x = (c * chunk + i) as u64;
+        }
+    });
+    let mut best = 0.0f64;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let sum: u64 = buf
+            .par_chunks(chunk)
+            // A wrapping integer sum vectorises (unlike an f32 sum, which must keep
+            // its order), so the loop is limited by memory, not by the adds.
+            .map(|s| s.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.max(BANDWIDTH_BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Results of one test.
+#[derive(Debug, Serialize)]
+struct TestResult {
+    test: String,
+    n_prompt: usize,
+    n_gen: usize,
+    n_depth: usize,
+    /// fastkv, as llama-bench reports: mean and sample sd of tokens/s over the reps.
+    avg_ts: f64,
+    stddev_ts: f64,
+    samples_ts: Vec<f64>,
+    /// Generation tests: bytes read per generated token (weights + KV held, the KV
+    /// averaged over the test) and what fastkv's mean speed makes of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_per_token: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    achieved_gbs: Option<f64>,
+    /// `--compare`: medians of both and their ratio.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fastkv_tps: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llama_cpp_tps: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llama_cpp_samples_ts: Option<Vec<f64>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    #[serde(flatten)]
+    model: ModelInfo,
+    backend: &'static str,
+    n_threads: usize,
+    n_ubatch: usize,
+    repetitions: usize,
+    memory_bandwidth_gbs: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compare: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llama_cpp_flash_attn: Option<bool>,
+    tests: Vec<TestResult>,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let specs = test_specs(&a);
+    if specs.is_empty() {
+        bail!("nothing to measure: every -p and -n value is 0");
+    }
+    if a.reps == 0 {
+        bail!("-r/--repetitions must be at least 1");
+    }
+    let loaded = ModelArgs {
+        model: a.model.clone(),
+        threads: a.threads,
+        ctx_size: 0,
+    }
+    .load()?;
+    let model = &loaded.model;
+    let n_threads = rayon::current_num_threads();
+    let n_ctx_train = model.config.n_ctx_train;
+    if let Some(t) = specs.iter().find(|t| t.n_ctx() > n_ctx_train) {
+        bail!(
+            "test {} needs {} tokens of context, more than the model's {n_ctx_train}",
+            t.name(),
+            t.n_ctx()
+        );
+    }
+    let info = model_info(model.file(), &loaded.path, model.config.n_vocab);
+    let tokens = TokenSource {
+        bos: loaded
+            .tokenizer
+            .add_bos()
+            .then(|| loaded.tokenizer.bos())
+            .flatten(),
+        n_vocab: model.config.n_vocab,
+    };
+    let reference = match a.compare {
+        Some(Compare::LlamaCpp) => Some(
+            RefModel::load(&loaded.path, false)
+                .map_err(|e| anyhow!(e))
+                .context("--compare llama.cpp")?,
+        ),
+        None => None,
+    };
+    eprintln!(
+        "fastkv bench: {} ({n_threads} threads, {} reps{})",
+        info.model_filename,
+        a.reps,
+        if reference.is_some() {
+            ", alternating with llama.cpp"
+        } else {
+            ""
+        }
+    );
+    let bandwidth = memory_bandwidth_gbs();
+
+    let mut results = Vec::new();
+    for spec in &specs {
+        eprintln!("  {} ...", spec.name());
+        let mut session = Session::new(model, spec.n_ctx());
+        session.set_prefill_chunk(UBATCH);
+        let mut ref_ctx = match &reference {
+            Some(r) => Some(
+                RefContext::new(
+                    r,
+                    RefContextParams {
+                        n_ctx: spec.n_ctx() as u32,
+                        n_batch: UBATCH as u32,
+                        n_threads: n_threads as i32,
+                        flash_attn: LLAMA_FLASH_ATTN,
+                    },
+                )
+                .map_err(|e| anyhow!(e))?,
+            ),
+            None => None,
+        };
+        fastkv_run(&mut session, &tokens, &warm_up(spec))?;
+        if let Some(ctx) = ref_ctx.as_mut() {
+            llama_run(ctx, &tokens, &warm_up(spec))?;
+        }
+        let (mut ours, mut theirs, mut kv) = (vec![], vec![], vec![]);
+        for _ in 0..a.reps {
+            let s = fastkv_run(&mut session, &tokens, spec)?;
+            ours.push(spec.n_tokens() as f64 / s.secs);
+            kv.push((s.kv_start + s.kv_end) as f64 / 2.0);
+            if let Some(ctx) = ref_ctx.as_mut() {
+                theirs.push(spec.n_tokens() as f64 / llama_run(ctx, &tokens, spec)?);
+            }
+        }
+        let (avg, sd) = mean_sd(&ours);
+        let bytes_per_token =
+            (spec.n_gen > 0).then(|| info.weight_bytes_per_token as f64 + mean_sd(&kv).0);
+        let compared = !theirs.is_empty();
+        results.push(TestResult {
+            test: spec.name(),
+            n_prompt: spec.n_prompt,
+            n_gen: spec.n_gen,
+            n_depth: spec.n_depth,
+            avg_ts: avg,
+            stddev_ts: sd,
+            bytes_per_token,
+            achieved_gbs: bytes_per_token.map(|b| b * avg / 1e9),
+            fastkv_tps: compared.then(|| median(&ours)),
+            llama_cpp_tps: compared.then(|| median(&theirs)),
+            ratio: compared.then(|| median(&ours) / median(&theirs)),
+            llama_cpp_samples_ts: compared.then_some(theirs),
+            samples_ts: ours,
+        });
+    }
+    let report = Report {
+        model: info,
+        backend: "CPU",
+        n_threads,
+        n_ubatch: UBATCH,
+        repetitions: a.reps,
+        memory_bandwidth_gbs: bandwidth,
+        compare: reference.is_some().then_some("llama.cpp"),
+        llama_cpp_flash_attn: reference.is_some().then_some(LLAMA_FLASH_ATTN),
+        tests: results,
+    };
+    match a.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Csv => print!("{}", csv(&report)),
+        Format::Md => print!("{}", markdown(&report)),
+    }
+    Ok(())
+}
+
+/// llama-bench's size column: MiB below 1 GiB, else GiB.
+fn fmt_size(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b < (1u64 << 30) as f64 {
+        format!("{:.2} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    }
+}
+
+/// llama-bench's params column: M below a billion, else B.
+fn fmt_params(n: usize) -> String {
+    if n < 1_000_000_000 {
+        format!("{:.2} M", n as f64 / 1e6)
+    } else {
+        format!("{:.2} B", n as f64 / 1e9)
+    }
+}
+
+/// A markdown table with columns padded to their widest cell; `right[i]` right-aligns
+/// column i, as llama-bench aligns numbers.
+fn md_table(header: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].len(), 3])
+                .max()
+                .unwrap_or(3)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .zip(right)
+            .map(|((c, &w), &r)| {
+                if r {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        format!("| {} |\n", padded.join(" | "))
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    let rule: Vec<String> = widths
+        .iter()
+        .zip(right)
+        .map(|(&w, &r)| {
+            if r {
+                format!("{}:", "-".repeat(w - 1))
+            } else {
+                "-".repeat(w)
+            }
+        })
+        .collect();
+    out += &format!("| {} |\n", rule.join(" | "));
+    for r in rows {
+        out += &line(r.clone());
+    }
+    out
+}
+
+fn markdown(r: &Report) -> String {
+    let compared = r.compare.is_some();
+    let lead = |t: &TestResult| {
+        vec![
+            r.model.model_type.clone(),
+            fmt_size(r.model.model_size),
+            fmt_params(r.model.model_n_params),
+            r.backend.to_string(),
+            r.n_threads.to_string(),
+            t.test.clone(),
+        ]
+    };
+    let mut header = vec!["model", "size", "params", "backend", "threads", "test"];
+    let mut right = vec![false, true, true, false, true, true];
+    let rows: Vec<Vec<String>> = if compared {
+        header.extend(["fastkv t/s", "llama.cpp t/s", "fastkv / llama.cpp"]);
+        right.extend([true, true, true]);
+        r.tests
+            .iter()
+            .map(|t| {
+                let mut row = lead(t);
+                row.push(format!("{:.2}", t.fastkv_tps.unwrap_or(0.0)));
+                row.push(format!("{:.2}", t.llama_cpp_tps.unwrap_or(0.0)));
+                row.push(format!("{:.2}", t.ratio.unwrap_or(0.0)));
+                row
+            })
+            .collect()
+    } else {
+        header.push("t/s");
+        right.push(true);
+        r.tests
+            .iter()
+            .map(|t| {
+                let mut row = lead(t);
+                row.push(format!("{:.2} ± {:.2}", t.avg_ts, t.stddev_ts));
+                row
+            })
+            .collect()
+    };
+    let mut out = md_table(&header, &right, &rows);
+    if compared {
+        out += &format!(
+            "\nt/s: medians of {} runs, fastkv and llama.cpp alternating; llama.cpp with \
+             flash attention {} (llama-bench's CPU default, -fa auto), n_ubatch {}.\n",
+            r.repetitions,
+            if r.llama_cpp_flash_attn == Some(true) {
+                "on"
+            } else {
+                "off"
+            },
+            r.n_ubatch
+        );
+    }
+    let decode: Vec<&TestResult> = r.tests.iter().filter(|t| t.n_gen > 0).collect();
+    if !decode.is_empty() {
+        let mut header = vec!["test", "MB/token", "fastkv t/s", "fastkv GB/s"];
+        let mut right = vec![true; 4];
+        if compared {
+            header.extend(["llama.cpp t/s", "llama.cpp GB/s"]);
+            right.extend([true, true]);
+        }
+        header.push("of bandwidth");
+        right.push(true);
+        let rows: Vec<Vec<String>> = decode
+            .iter()
+            .map(|t| {
+                let b = t.bytes_per_token.unwrap_or(0.0);
+                // With --compare the medians, as in the table above; else the mean.
+                let ours = t.fastkv_tps.unwrap_or(t.avg_ts);
+                let mut row = vec![
+                    t.test.clone(),
+                    format!("{:.2}", b / 1e6),
+                    format!("{ours:.2}"),
+                    format!("{:.2}", b * ours / 1e9),
+                ];
+                if let Some(theirs) = t.llama_cpp_tps {
+                    row.push(format!("{theirs:.2}"));
+                    row.push(format!("{:.2}", b * theirs / 1e9));
+                }
+                row.push(format!(
+                    "{:.0}%",
+                    100.0 * b * ours / 1e9 / r.memory_bandwidth_gbs
+                ));
+                row
+            })
+            .collect();
+        out += &format!(
+            "\ndecode roofline: bytes read per generated token (weights {:.2} MB + KV held), \
+             against measured memory bandwidth {:.2} GB/s ({} threads)\n\n",
+            r.model.weight_bytes_per_token as f64 / 1e6,
+            r.memory_bandwidth_gbs,
+            r.n_threads
+        );
+        out += &md_table(&header, &right, &rows);
+    }
+    out
+}
+
+fn csv(r: &Report) -> String {
+    let compared = r.compare.is_some();
+    let mut out = String::from(
+        "model_filename,model_type,model_size,model_n_params,backend,n_threads,test,\
+         n_prompt,n_gen,n_depth,avg_ts,stddev_ts,bytes_per_token,achieved_gbs,\
+         memory_bandwidth_gbs",
+    );
+    if compared {
+        out += ",fastkv_tps,llama_cpp_tps,ratio";
+    }
+    out += "\n";
+    let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x:.6}"));
+    for t in &r.tests {
+        out += &format!(
+            "{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{:.6}",
+            q(&r.model.model_filename),
+            q(&r.model.model_type),
+            r.model.model_size,
+            r.model.model_n_params,
+            q(r.backend),
+            r.n_threads,
+            q(&t.test),
+            t.n_prompt,
+            t.n_gen,
+            t.n_depth,
+            t.avg_ts,
+            t.stddev_ts,
+            opt(t.bytes_per_token.map(|b| b.round())),
+            opt(t.achieved_gbs),
+            r.memory_bandwidth_gbs,
+        );
+        if compared {
+            out += &format!(
+                ",{},{},{}",
+                opt(t.fastkv_tps),
+                opt(t.llama_cpp_tps),
+                opt(t.ratio)
+            );
+        }
+        out += "\n";
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_llama_bench() {
+        let t = |n_prompt, n_gen, n_depth| TestSpec {
+            n_prompt,
+            n_gen,
+            n_depth,
+        };
+        assert_eq!(t(512, 0, 0).name(), "pp512");
+        assert_eq!(t(0, 128, 0).name(), "tg128");
+        assert_eq!(t(512, 0, 4096).name(), "pp512 @ d4096");
+        assert_eq!(t(0, 64, 4096).name(), "tg64 @ d4096");
+    }
+
+    #[test]
+    fn statistics() {
+        let (m, sd) = mean_sd(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((sd - 1.0).abs() < 1e-12);
+        assert_eq!(mean_sd(&[5.0]).1, 0.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn bos_comes_first_and_ids_stay_in_the_vocabulary() {
+        let s = TokenSource {
+            bos: Some(1),
+            n_vocab: 500,
+        };
+        let ids = s.ids(0, 300);
+        assert_eq!(ids[0], 1);
+        assert!(ids.iter().all(|&i| (i as usize) < 500));
+        assert_eq!(s.ids(10, 5), ids[10..15]);
+    }
+}
