@@ -116,7 +116,7 @@ fn run_streams_and_writes_stats_json() {
     );
     let err = text(&out.stderr);
     assert!(
-        err.contains("tokens/s") && err.contains("peak KV cache"),
+        err.contains("tokens/s") && err.contains("KV cache: "),
         "{err}"
     );
     let json: serde_json::Value =
@@ -135,6 +135,8 @@ fn run_streams_and_writes_stats_json() {
         "{json}"
     );
     assert!(json["peak_rss_bytes"].as_u64().unwrap() > 0);
+    // Nothing evicted: the cache holds what a full one would.
+    assert_eq!(json["kv_bytes"], json["kv_bytes_full"]);
 }
 
 #[test]
@@ -331,4 +333,214 @@ fn bench_rejects_bad_values() {
     assert_clean_error(&bench(&["-r", "0"]), "--repetitions");
     assert_clean_error(&bench(&["-p", "abc"]), "abc");
     assert_clean_error(&bench(&["-p", "16", "-d", "100000"]), "context");
+}
+
+/// A document of about 1500 tokens with one fact in it, made up so that no data
+/// files are needed.
+fn document(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut doc = String::new();
+    for i in 0..60 {
+        doc.push_str(&format!(
+            "Day {i}. The lighthouse keeper walked along the shore, counted the boats in the \
+             harbour and wrote the weather into the log book. "
+        ));
+        if i == 30 {
+            doc.push_str("The keeper's cat is called Marmalade. ");
+        }
+    }
+    let path = dir.join("doc.txt");
+    std::fs::write(&path, doc).unwrap();
+    path
+}
+
+/// `run --context-file` compresses the document before the question, reports the
+/// KV memory before and after, and `--stats-json` carries both figures.
+#[test]
+fn run_compresses_a_context_file() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let doc = document(dir.path());
+    let stats = dir.path().join("stats.json");
+    let out = fastkv(
+        &[
+            "run",
+            "-m",
+            path.to_str().unwrap(),
+            "--context-file",
+            doc.to_str().unwrap(),
+            "-p",
+            "\n\nQuestion: what is the keeper's cat called?\nAnswer:",
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "--kv-policy",
+            "snapkv",
+            "--kv-keep",
+            "0.3",
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
+        None,
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(
+        err.contains("context:") && err.contains("MiB full ->"),
+        "{err}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let (held, full) = (
+        json["kv_bytes"].as_u64().unwrap(),
+        json["kv_bytes_full"].as_u64().unwrap(),
+    );
+    assert!(held * 2 < full, "held {held} of {full}");
+    assert!(json["compression"]["n_context"].as_u64().unwrap() > 1000);
+}
+
+/// A compressed context saved once answers later runs; files for another model, or
+/// damaged ones, are refused with a message.
+#[test]
+fn saved_contexts_are_reused_and_checked() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let p = path.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = document(dir.path());
+    let ctx = dir.path().join("doc.fkv");
+    let c = ctx.to_str().unwrap();
+    let out = fastkv(
+        &[
+            "run",
+            "-m",
+            p,
+            "--context-file",
+            doc.to_str().unwrap(),
+            "--kv-keep",
+            "0.3",
+            "--save-context",
+            c,
+            "-n",
+            "1",
+            "--temp",
+            "0",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let ask = |ctx: &str| {
+        fastkv(
+            &[
+                "run",
+                "-m",
+                p,
+                "--load-context",
+                ctx,
+                "-p",
+                "\n\nQuestion: who walked along the shore?\nAnswer:",
+                "-n",
+                "6",
+                "--temp",
+                "0",
+            ],
+            None,
+        )
+    };
+    let out = ask(c);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(err.contains("loaded context"), "{err}");
+    // The question alone was run: its tokens, not the document's.
+    let prompt_tokens: usize = err
+        .split("prompt: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(prompt_tokens < 30, "{prompt_tokens} prompt tokens run");
+
+    let mut bytes = std::fs::read(&ctx).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    let bad = dir.path().join("bad.fkv");
+    std::fs::write(&bad, &bytes).unwrap();
+    assert_clean_error(&ask(bad.to_str().unwrap()), "corrupt");
+
+    if let Some(gemma) = model(GEMMA3) {
+        let out = fastkv(
+            &[
+                "run",
+                "-m",
+                gemma.to_str().unwrap(),
+                "--load-context",
+                c,
+                "-p",
+                "hi",
+                "-n",
+                "1",
+            ],
+            None,
+        );
+        assert_clean_error(&out, "different model");
+    }
+}
+
+#[test]
+fn bad_kv_flags_are_refused() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let p = path.to_str().unwrap();
+    for (flags, needle) in [
+        (&["--kv-keep", "0"][..], "--kv-keep"),
+        (&["--kv-keep", "1.5"][..], "--kv-keep"),
+        (&["--kv-policy", "lru"][..], "unknown KV policy"),
+        (&["--kv-level", "row"][..], "unknown KV selection level"),
+        (
+            &["--kv-policy", "kvzip", "--kv-budget", "256"][..],
+            "decode budget",
+        ),
+        (&["--kv-budget", "0"][..], "at least 1"),
+        (&["--prefill-chunk", "0"][..], "--prefill-chunk"),
+    ] {
+        let mut args = vec!["run", "-m", p, "-p", "hi", "-n", "1"];
+        args.extend_from_slice(flags);
+        assert_clean_error(&fastkv(&args, None), needle);
+    }
+}
+
+/// `/load FILE` in chat compresses a document; the next question is asked about it.
+#[test]
+fn chat_loads_and_compresses_a_document() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let doc = document(dir.path());
+    let input = format!(
+        "/load {}\nWhat is the keeper's cat called?\n/load {}\n",
+        doc.display(),
+        dir.path().join("missing.txt").display()
+    );
+    let out = fastkv(
+        &[
+            "chat",
+            "-m",
+            path.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "24",
+            "--kv-keep",
+            "0.5",
+            "--system",
+            "You are a helpful assistant.",
+        ],
+        Some(&input),
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(
+        err.contains("context:") && err.contains("MiB full ->"),
+        "{err}"
+    );
+    assert!(!text(&out.stdout).trim().is_empty());
+    // A missing file is reported and the chat goes on.
+    assert!(err.contains("cannot read"), "{err}");
 }

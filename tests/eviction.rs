@@ -63,7 +63,9 @@ fn list_lens(cache: &KvCache, il: usize) -> Vec<usize> {
 }
 
 fn keep_one_is_the_full_cache(name: &str) {
-    let Some(f) = fixture(name, 300, 24) else { return };
+    let Some(f) = fixture(name, 300, 24) else {
+        return;
+    };
     // The foundation path: no eviction settings at all, the same feeding schedule.
     let mut plain = Session::new(&f.model, 8192);
     plain.feed(&f.prefix).unwrap();
@@ -71,8 +73,14 @@ fn keep_one_is_the_full_cache(name: &str) {
     let want = plain.feed_all_logits(&f.cont).unwrap();
     for policy in Policy::ALL {
         let (got, s) = f.run(EvictionConfig::new(policy, 1.0));
-        assert!(got == want, "{name}: {policy} at keep 1.0 changed the logits");
-        assert!(s.cache() == plain.cache(), "{name}: {policy} changed the cache");
+        assert!(
+            got == want,
+            "{name}: {policy} at keep 1.0 changed the logits"
+        );
+        assert!(
+            s.cache() == plain.cache(),
+            "{name}: {policy} changed the cache"
+        );
     }
 }
 
@@ -92,7 +100,9 @@ fn keep_one_is_the_full_cache_gemma3() {
 /// order either way: the logits are bit-identical. With 512-token steps the tiled
 /// kernel groups keys into tiles differently, so they agree to float rounding.
 fn evicting_equals_masking(name: &str) {
-    let Some(f) = fixture(name, 1200, 32) else { return };
+    let Some(f) = fixture(name, 1200, 32) else {
+        return;
+    };
     for chunk in [48, 512] {
         let run = |mode| {
             let mut s = f.session(EvictionConfig {
@@ -134,7 +144,10 @@ fn evicting_equals_masking(name: &str) {
             };
             let (_, floor) = compare_logits(&full(48), &full(512), f.model.config.n_vocab);
             eprintln!("{name}: rounding noise floor KL {floor:e}");
-            assert!(kl < 4.0 * floor.max(1e-4), "{name}: top-1 {same_top1}, KL {kl}");
+            assert!(
+                kl < 4.0 * floor.max(1e-4),
+                "{name}: top-1 {same_top1}, KL {kl}"
+            );
         }
     }
     // And eviction changed the result: the test would notice a no-op.
@@ -162,7 +175,9 @@ fn evicting_equals_masking_gemma3() {
 /// threshold.
 #[test]
 fn compression_keeps_the_asked_fraction() {
-    let Some(f) = fixture(SMOLLM2, 4096, 8) else { return };
+    let Some(f) = fixture(SMOLLM2, 4096, 8) else {
+        return;
+    };
     for (policy, level) in [(Policy::H2o, Level::Global), (Policy::SnapKv, Level::Head)] {
         let cfg = EvictionConfig {
             level,
@@ -196,7 +211,9 @@ fn compression_keeps_the_asked_fraction() {
         let n = f.prefix.len() + f.context.len();
         for h in cache.layers.iter().flat_map(|l| &l.heads) {
             assert_eq!(h.pos[0], 0);
-            assert!(h.pos.ends_with(&((n - report.window) as u32..n as u32).collect::<Vec<_>>()));
+            assert!(h
+                .pos
+                .ends_with(&((n - report.window) as u32..n as u32).collect::<Vec<_>>()));
         }
     }
 }
@@ -206,7 +223,9 @@ fn compression_keeps_the_asked_fraction() {
 /// (the teacher's repeat pass leaves no trace).
 #[test]
 fn gemma3_kvzip_shrinks_only_global_layers() {
-    let Some(f) = fixture(GEMMA3, 2500, 8) else { return };
+    let Some(f) = fixture(GEMMA3, 2500, 8) else {
+        return;
+    };
     let mut s = f.session(EvictionConfig::new(Policy::KvZip, 0.3));
     let (_, report) = s.feed_context(&f.prefix, &f.context).unwrap();
     assert!(report.teacher_ms > 0.0);
@@ -246,7 +265,9 @@ fn gemma3_kvzip_shrinks_only_global_layers() {
 /// A compressed context saved and loaded gives bit-identical logits.
 #[test]
 fn saved_context_restores_bit_exactly() {
-    let Some(f) = fixture(SMOLLM2, 700, 16) else { return };
+    let Some(f) = fixture(SMOLLM2, 700, 16) else {
+        return;
+    };
     let mut s = f.session(EvictionConfig::new(Policy::SnapKv, 0.3));
     s.feed_context(&f.prefix, &f.context).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -269,7 +290,9 @@ fn saved_context_restores_bit_exactly() {
 /// 128 tokens, never losing the first 4 tokens nor the last 128.
 #[test]
 fn decode_budget_holds() {
-    let Some(f) = fixture(SMOLLM2, 200, 0) else { return };
+    let Some(f) = fixture(SMOLLM2, 200, 0) else {
+        return;
+    };
     let budget = 150;
     let cfg = EvictionConfig {
         budget: Some(budget),
@@ -286,11 +309,17 @@ fn decode_budget_holds() {
         // At most the budget right after an enforcement, and fewer than 128 more
         // tokens per list in between.
         let held = s.cache().evictable_entries();
-        assert!(held < (budget + 128) * lists, "{held} pairs held at {n} (step {step})");
+        assert!(
+            held < (budget + 128) * lists,
+            "{held} pairs held at {n} (step {step})"
+        );
         for h in s.cache().layers.iter().flat_map(|l| &l.heads) {
             assert_eq!(&h.pos[..4], &[0, 1, 2, 3]);
             let recent = n.saturating_sub(128) as u32;
-            assert_eq!(h.pos.iter().filter(|&&p| p >= recent).count(), n - recent as usize);
+            assert_eq!(
+                h.pos.iter().filter(|&&p| p >= recent).count(),
+                n - recent as usize
+            );
         }
     }
     assert!(s.cache().evictable_entries() < s.tokens().len() * lists / 2);

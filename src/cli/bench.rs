@@ -11,8 +11,9 @@ use ggml_sys::reference::{RefContext, RefContextParams, RefModel};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::ModelArgs;
+use super::{KvArgs, ModelArgs};
 use crate::gguf::GgufFile;
+use crate::kv::Policy;
 use crate::session::Session;
 
 /// Tokens per forward pass: llama-bench's default micro-batch (`-ub 512`; its `-b 2048`
@@ -56,6 +57,10 @@ pub struct BenchArgs {
     /// (medians) and the ratio fastkv / other.
     #[arg(long = "compare", value_enum)]
     pub compare: Option<Compare>,
+    /// KV eviction: with --kv-keep, the depth fill is compressed (query-agnostic, as
+    /// `run --context-file` does) before the timed part; llama.cpp keeps its full cache.
+    #[command(flatten)]
+    pub kv: KvArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,7 +166,13 @@ struct Sample {
 fn fastkv_run(session: &mut Session, tokens: &TokenSource, test: &TestSpec) -> Result<Sample> {
     session.clear();
     if test.n_depth > 0 {
-        session.feed(&tokens.ids(0, test.n_depth))?;
+        let fill = tokens.ids(0, test.n_depth);
+        if session.eviction().is_active() {
+            // The first token is the protected prefix; the rest is the context.
+            session.feed_context(&fill[..1], &fill[1..])?;
+        } else {
+            session.feed(&fill)?;
+        }
     }
     let ids = tokens.ids(test.n_depth, test.n_tokens());
     let kv_start = kv_read_bytes(session);
@@ -390,6 +401,10 @@ struct Report {
     compare: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     llama_cpp_flash_attn: Option<bool>,
+    /// fastkv's KV eviction (policy, keep ratio, level).
+    kv_policy: String,
+    kv_keep: f64,
+    kv_level: String,
     tests: Vec<TestResult>,
 }
 
@@ -444,12 +459,20 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             ""
         }
     );
+    let kv = a.kv.config(0)?;
+    if kv.is_active() {
+        eprintln!(
+            "fastkv KV eviction: {}, keep {}, level {} (the depth fill is compressed before each test)",
+            kv.policy, kv.keep, kv.level
+        );
+    }
     let bandwidth = memory_bandwidth_gbs();
 
     let mut results = Vec::new();
     for spec in &specs {
         eprintln!("  {} ...", spec.name());
         let mut session = Session::new(model, spec.n_ctx());
+        a.kv.apply(&mut session, &loaded, 0)?;
         session.set_prefill_chunk(UBATCH);
         let mut ref_ctx = match &reference {
             Some(r) => Some(
@@ -508,6 +531,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         memory_bandwidth_gbs: bandwidth,
         compare: reference.is_some().then_some("llama.cpp"),
         llama_cpp_flash_attn: reference.is_some().then_some(LLAMA_FLASH_ATTN),
+        kv_policy: if kv.is_active() {
+            kv.policy
+        } else {
+            Policy::Full
+        }
+        .to_string(),
+        kv_keep: kv.keep,
+        kv_level: kv.level.to_string(),
         tests: results,
     };
     match a.output {

@@ -144,7 +144,10 @@ impl Conversation<'_> {
                 t.extend(self.l.tokenizer.encode(new, false, true));
                 t
             }
-            _ => self.l.tokenizer.encode(&rendered, self.add_bos(&rendered), true),
+            _ => self
+                .l
+                .tokenizer
+                .encode(&rendered, self.add_bos(&rendered), true),
         };
         Ok((rendered, tokens))
     }
@@ -159,8 +162,7 @@ impl Conversation<'_> {
     /// Read a document and compress it into the session: it opens the next user
     /// message, and nothing after it is seen before it is compressed.
     fn load(&mut self, session: &mut Session, path: &str) -> Result<()> {
-        let doc = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {path}"))?;
+        let doc = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
         let doc = doc.trim();
         // The text before the document: the conversation so far and the template's
         // opening of a user message.

@@ -79,7 +79,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         // A document is text: special-token names in it stay text.
         let context = l.tokenizer.encode(&doc, false, false);
         let prefix: Vec<u32> = if session.tokens().is_empty() {
-            l.tokenizer.bos().filter(|_| l.tokenizer.add_bos()).into_iter().collect()
+            l.tokenizer
+                .bos()
+                .filter(|_| l.tokenizer.add_bos())
+                .into_iter()
+                .collect()
         } else {
             Vec::new()
         };

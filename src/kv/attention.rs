@@ -255,7 +255,12 @@ mod tests {
         let rnd = |i: usize| ((i as f32 * 12.9898).sin() * 43758.547).fract() * 2.0 - 1.0;
         let kv: Vec<f32> = (0..n_ctx * 2 * 64).map(rnd).collect();
         let mut masked = KvCache::new(shape.clone());
-        masked.append(0, n_ctx, &kv, &kv.iter().map(|x| x * 0.5).collect::<Vec<_>>());
+        masked.append(
+            0,
+            n_ctx,
+            &kv,
+            &kv.iter().map(|x| x * 0.5).collect::<Vec<_>>(),
+        );
         masked.advance(n_ctx);
         let mut compact = masked.clone();
         for h in 0..2 {
@@ -270,11 +275,18 @@ mod tests {
             let mut b = a.clone();
             attention(&masked.layers[0], &shape, n_head, &q, &pos, 0.125, &mut a);
             attention(&compact.layers[0], &shape, n_head, &q, &pos, 0.125, &mut b);
-            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             if n < MIN_TILED_BATCH {
                 assert_eq!(a, b, "one-query kernel, {n} queries");
             } else {
-                assert!(diff < 1e-5, "tiled kernel, {n} queries: max difference {diff}");
+                assert!(
+                    diff < 1e-5,
+                    "tiled kernel, {n} queries: max difference {diff}"
+                );
             }
         }
     }

@@ -326,20 +326,17 @@ impl KvCache {
             .sum()
     }
 
-    /// Bytes the cache would hold without eviction: every token seen in every
-    /// evictable list, plus what sliding-window layers hold.
+    /// Bytes the cache would hold without eviction: what it holds, plus the pairs
+    /// evicted from lists that would otherwise hold every token seen.
     pub fn full_bytes(&self) -> usize {
-        let per_layer = self.n_seen * self.shape.n_head_kv * self.shape.entry_bytes();
-        self.layers
+        let evicted: usize = self
+            .layers
             .iter()
-            .map(|l| {
-                if l.is_evictable() {
-                    per_layer
-                } else {
-                    l.heads.iter().map(HeadKv::bytes).sum()
-                }
-            })
-            .sum()
+            .filter(|l| l.is_evictable())
+            .flat_map(|l| &l.heads)
+            .map(|h| self.n_seen - h.len())
+            .sum();
+        self.bytes() + evicted * self.shape.entry_bytes()
     }
 
     /// Entries held in evictable lists.
@@ -355,7 +352,12 @@ impl KvCache {
     /// Release the spare capacity of evictable lists, so that after a compression
     /// the bytes held are the bytes used.
     pub fn shrink_to_fit(&mut self) {
-        for h in self.layers.iter_mut().filter(|l| l.is_evictable()).flat_map(|l| &mut l.heads) {
+        for h in self
+            .layers
+            .iter_mut()
+            .filter(|l| l.is_evictable())
+            .flat_map(|l| &mut l.heads)
+        {
             h.shrink_to_fit();
         }
     }
@@ -364,7 +366,10 @@ impl KvCache {
     /// `keep` is false. Sliding-window layers are never evicted.
     pub fn evict(&mut self, il: usize, h: usize, keep: &[bool], mode: EvictMode) {
         let layer = &mut self.layers[il];
-        assert!(layer.is_evictable(), "sliding-window layers are not evicted");
+        assert!(
+            layer.is_evictable(),
+            "sliding-window layers are not evicted"
+        );
         let head = &mut layer.heads[h];
         assert_eq!(keep.len(), head.len(), "one keep flag per entry");
         if keep.iter().all(|&k| k) {

@@ -118,7 +118,12 @@ pub fn observe(
                 }
                 for h in hk * gqa..(hk + 1) * gqa {
                     let qh = &q[(t * n_head + h) * dk..(t * n_head + h + 1) * dk];
-                    probabilities(qh, &keys[a * dk..e * dk], kq_scale, &mut p[..(e - a).next_multiple_of(8)]);
+                    probabilities(
+                        qh,
+                        &keys[a * dk..e * dk],
+                        kq_scale,
+                        &mut p[..(e - a).next_multiple_of(8)],
+                    );
                     for (s, &pj) in acc[a..e].iter_mut().zip(&p) {
                         *s = match probe.reduce {
                             Reduce::Sum => *s + pj,

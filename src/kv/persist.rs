@@ -125,7 +125,12 @@ impl SavedContext {
             return Err(ContextFileError::ModelMismatch(p()));
         }
         let dims = [r.u64()?, r.u64()?, r.u64()?, r.u64()?];
-        let want = [shape.n_layer, shape.n_head_kv, shape.head_dim, shape.head_dim_v];
+        let want = [
+            shape.n_layer,
+            shape.n_head_kv,
+            shape.head_dim,
+            shape.head_dim_v,
+        ];
         let windows: Vec<Option<usize>> = (0..dims[0].min(4096))
             .map(|_| r.u64().map(|w| (w > 0).then_some(w as usize)))
             .collect::<Result<_, _>>()?;
@@ -159,11 +164,11 @@ impl SavedContext {
 }
 
 fn write_body(
-w: &mut impl Write,
-fingerprint: u64,
-tokens: &[u32],
-cache: &KvCache,
-judged_below: u32,
+    w: &mut impl Write,
+    fingerprint: u64,
+    tokens: &[u32],
+    cache: &KvCache,
+    judged_below: u32,
 ) -> io::Result<()> {
     let s = &cache.shape;
     w.write_all(MAGIC)?;
@@ -199,7 +204,6 @@ judged_below: u32,
     Ok(())
 }
 
-
 /// A saved context must hold one token per position seen, and no position beyond.
 fn tokens_len_mismatch(cache: &KvCache, n_seen: usize, tokens: &[u32]) -> bool {
     tokens.len() != n_seen
@@ -233,10 +237,14 @@ impl Reader<'_> {
         Ok(s)
     }
     fn u64(&mut self) -> Result<u64, ContextFileError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, ContextFileError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     /// A count of items of `item_bytes` each, checked against the bytes left.
     fn count(&mut self, item_bytes: usize) -> Result<usize, ContextFileError> {
@@ -305,7 +313,12 @@ mod tests {
         }
         cache.advance(n);
         cache.layers[1].heads[0].score = vec![0.5, 0.1, 0.9, 0.2, 0.3, 0.4];
-        cache.evict(1, 0, &[true, false, true, true, false, true], super::super::EvictMode::Compact);
+        cache.evict(
+            1,
+            0,
+            &[true, false, true, true, false, true],
+            super::super::EvictMode::Compact,
+        );
         SavedContext {
             tokens: vec![1, 2, 3, 4, 5, 6],
             cache,

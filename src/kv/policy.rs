@@ -19,7 +19,9 @@ pub const SINK_TOKENS: usize = 4;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
-    #[error("unknown KV policy '{0}' (choose one of: full, streaming, h2o, snapkv, kvzip, random)")]
+    #[error(
+        "unknown KV policy '{0}' (choose one of: full, streaming, h2o, snapkv, kvzip, random)"
+    )]
     UnknownPolicy(String),
     #[error("unknown KV selection level '{0}' (choose one of: global, layer, head)")]
     UnknownLevel(String),
@@ -315,7 +317,10 @@ mod tests {
         assert_eq!(Policy::SnapKv.probe(100).unwrap().first_row, 68);
         assert_eq!(Policy::SnapKv.probe(10).unwrap().first_row, 0);
         assert!(Policy::Streaming.probe(100).is_none());
-        assert!(Policy::Streaming.arrival_score(0, 0, 0, 9) > Policy::Streaming.arrival_score(0, 0, 0, 8));
+        assert!(
+            Policy::Streaming.arrival_score(0, 0, 0, 9)
+                > Policy::Streaming.arrival_score(0, 0, 0, 8)
+        );
         let r: Vec<f32> = (0..1000).map(|p| random_score(7, 1, 2, p)).collect();
         assert!(r.iter().all(|x| (0.0..1.0).contains(x)));
         let mean = r.iter().sum::<f32>() / 1000.0;

@@ -98,7 +98,10 @@ impl EvictionConfig {
     pub fn validate(&self) -> Result<(), SessionError> {
         let bad = |m: String| Err(SessionError::BadEviction(m));
         if !(self.keep > 0.0 && self.keep <= 1.0) {
-            return bad(format!("the keep ratio must lie in (0, 1], got {}", self.keep));
+            return bad(format!(
+                "the keep ratio must lie in (0, 1], got {}",
+                self.keep
+            ));
         }
         if self.budget == Some(0) {
             return bad("the decode budget must be at least 1 pair per head".into());
@@ -140,7 +143,9 @@ impl TeacherPrompt {
         } else {
             const MARK: &str = "\u{1}";
             let r = template.render(&[ChatMessage::user(MARK)], true)?;
-            r.split_once(MARK).map(|(_, h)| h.to_string()).unwrap_or_default()
+            r.split_once(MARK)
+                .map(|(_, h)| h.to_string())
+                .unwrap_or_default()
         };
         let enc = |s: &str| tokenizer.encode(s, false, true);
         Ok(Self {
@@ -311,7 +316,13 @@ impl Session<'_> {
             for sub in input.chunks(self.prefill_chunk) {
                 result = self
                     .model
-                    .forward_observed(sub, &mut self.cache, Logits::None, n_ctx_train, Some(&probe))
+                    .forward_observed(
+                        sub,
+                        &mut self.cache,
+                        Logits::None,
+                        n_ctx_train,
+                        Some(&probe),
+                    )
                     .map(drop);
                 if result.is_err() {
                     break;
@@ -513,7 +524,11 @@ impl Session<'_> {
     /// Replace this session's context by one saved with [`Session::save_context`] for
     /// the same model.
     pub fn load_context(&mut self, path: &Path) -> Result<(), SessionError> {
-        let saved = SavedContext::load(path, self.model.file().fingerprint(), &self.model.kv_shape())?;
+        let saved = SavedContext::load(
+            path,
+            self.model.file().fingerprint(),
+            &self.model.kv_shape(),
+        )?;
         if saved.tokens.len() >= self.n_ctx {
             return Err(SessionError::SavedTooLong {
                 n: saved.tokens.len(),
