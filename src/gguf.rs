@@ -214,10 +214,12 @@ impl GgufFile {
     pub fn file_len(&self) -> usize {
         self.map.len()
     }
-    /// A 64-bit fingerprint of the tensor table (names, types, shapes, offsets): files
-    /// that share it hold the same model layout. Saved contexts and gate files record
-    /// it to refuse being used with another model.
+    /// A 64-bit fingerprint of the model: the tensor table (names, types, shapes,
+    /// offsets) and, per tensor, its first and last 4 KiB of data, so that two
+    /// fine-tunes of one architecture differ. Saved contexts and gate files record
+    /// it to refuse being used with another model. Reads two pages per tensor.
     pub fn fingerprint(&self) -> u64 {
+        const SAMPLE: usize = 4096;
         let mut h = xxhash_rust::xxh3::Xxh3Default::new();
         for t in &self.tensors {
             h.update(t.name.as_bytes());
@@ -227,6 +229,10 @@ impl GgufFile {
                 h.update(&(d as u64).to_le_bytes());
             }
             h.update(&(t.offset as u64).to_le_bytes());
+            if let Some(data) = self.tensor_bytes(t.offset, t.n_bytes) {
+                h.update(&data[..data.len().min(SAMPLE)]);
+                h.update(&data[data.len().saturating_sub(SAMPLE)..]);
+            }
         }
         h.digest()
     }

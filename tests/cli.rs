@@ -500,6 +500,10 @@ fn bad_kv_flags_are_refused() {
         ),
         (&["--kv-budget", "0"][..], "at least 1"),
         (&["--prefill-chunk", "0"][..], "--prefill-chunk"),
+        (
+            &["--kv-policy", "full", "--kv-keep", "0.5"][..],
+            "needs an eviction policy",
+        ),
     ] {
         let mut args = vec!["run", "-m", p, "-p", "hi", "-n", "1"];
         args.extend_from_slice(flags);

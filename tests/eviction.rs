@@ -324,3 +324,76 @@ fn decode_budget_holds() {
     }
     assert!(s.cache().evictable_entries() < s.tokens().len() * lists / 2);
 }
+
+/// StreamingLLM keeps the first tokens and one recent window, whatever the chunking.
+#[test]
+fn streaming_keeps_sinks_and_one_recent_window() {
+    let Some(f) = fixture(SMOLLM2, 600, 0) else {
+        return;
+    };
+    let mut s = f.session(EvictionConfig::new(Policy::Streaming, 0.3));
+    s.set_prefill_chunk(100);
+    s.feed_context(&f.prefix, &f.context).unwrap();
+    let n = f.prefix.len() + f.context.len();
+    // Positions 0..4 are sinks (the BOS prefix and the first context tokens).
+    let judged = n - 4;
+    let recent = (0.3 * judged as f64).floor() as usize;
+    let want: Vec<u32> = (0..4).chain((n - recent) as u32..n as u32).collect();
+    for h in s.cache().layers.iter().flat_map(|l| &l.heads) {
+        assert!(h.pos == want, "kept {:?}", &h.pos[..8.min(h.len())]);
+    }
+}
+
+/// With prefill steps shorter than the window, each context token is judged once
+/// (when it leaves the window), the window stays whole, and the keep ratio holds at
+/// every level, with and without a window.
+#[test]
+fn chunked_prefill_judges_each_token_once() {
+    let Some(f) = fixture(SMOLLM2, 600, 0) else {
+        return;
+    };
+    let n = f.prefix.len() + f.context.len();
+    let judged = (n - 4) as f64;
+    for (level, window) in [
+        (Level::Global, Some(150)),
+        (Level::Layer, Some(150)),
+        (Level::Head, Some(0)),
+    ] {
+        let cfg = EvictionConfig {
+            level,
+            window,
+            seed: 3,
+            ..EvictionConfig::new(Policy::Random, 0.3)
+        };
+        let mut s = f.session(cfg);
+        s.set_prefill_chunk(48);
+        let (_, report) = s.feed_context(&f.prefix, &f.context).unwrap();
+        assert_eq!(report.window, window.unwrap());
+        let cache = s.cache();
+        let lists = cache.layers.len() * cache.shape.n_head_kv;
+        let kept = (cache.evictable_entries() - 4 * lists) as f64 / lists as f64;
+        // One rounding per step and group at most.
+        let steps = (f.context.len() / 48 + 1) as f64;
+        assert!(
+            (kept - 0.3 * judged).abs() <= steps,
+            "{level}: kept {kept} of {judged} per list"
+        );
+        for (il, l) in cache.layers.iter().enumerate() {
+            let per_layer: usize = l.heads.iter().map(|h| h.len()).sum();
+            if level != Level::Global {
+                let want = (4.0 + 0.3 * judged) * l.heads.len() as f64;
+                assert!(
+                    (per_layer as f64 - want).abs() <= steps * l.heads.len() as f64,
+                    "layer {il}"
+                );
+            }
+            for h in &l.heads {
+                let w = window.unwrap();
+                assert!(h
+                    .pos
+                    .ends_with(&((n - w) as u32..n as u32).collect::<Vec<_>>()));
+                assert_eq!(&h.pos[..4], &[0, 1, 2, 3]);
+            }
+        }
+    }
+}

@@ -472,7 +472,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for spec in &specs {
         eprintln!("  {} ...", spec.name());
         let mut session = Session::new(model, spec.n_ctx());
-        a.kv.apply(&mut session, &loaded, 0)?;
+        a.kv.apply(&mut session, &loaded, 0, None)?;
         session.set_prefill_chunk(UBATCH);
         let mut ref_ctx = match &reference {
             Some(r) => Some(

@@ -34,7 +34,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let l = a.model.load()?;
     let template = l.template();
     let mut session = Session::new(&l.model, a.model.n_ctx(&l.model));
-    a.kv.apply(&mut session, &l, params.seed)?;
+    a.kv.apply(&mut session, &l, params.seed, Some(&template))?;
     let mut sampler = Sampler::new(params);
     let mut conv = Conversation {
         l: &l,
@@ -104,9 +104,10 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         )?;
         writeln!(out)?;
         let reply_text = l.tokenizer.decode(&reply, false);
+        // The reply goes into the conversation as generated (not trimmed), so that
+        // the next render starts with the text the session holds.
         conv.held = rendered + &reply_text;
-        conv.messages
-            .push(ChatMessage::assistant(reply_text.trim()));
+        conv.messages.push(ChatMessage::assistant(reply_text));
         if interactive {
             eprintln!(
                 "[{} new prompt tokens, {:.1} t/s; {} tokens, {:.1} t/s; KV cache {:.2} MiB]",
@@ -144,10 +145,12 @@ impl Conversation<'_> {
                 t.extend(self.l.tokenizer.encode(new, false, true));
                 t
             }
-            _ => self
-                .l
-                .tokenizer
-                .encode(&rendered, self.add_bos(&rendered), true),
+            _ => {
+                warn_if_compressed(session);
+                self.l
+                    .tokenizer
+                    .encode(&rendered, self.add_bos(&rendered), true)
+            }
         };
         Ok((rendered, tokens))
     }
@@ -177,6 +180,7 @@ impl Conversation<'_> {
                 tok.encode(new, false, true)
             }
             _ => {
+                warn_if_compressed(session);
                 session.clear();
                 tok.encode(before, self.add_bos(before), true)
             }
@@ -192,9 +196,20 @@ impl Conversation<'_> {
         }
         let (_, report) = session.feed_context(&prefix, &context)?;
         let cfg = session.eviction();
-        print_compression(&report, cfg.policy, cfg.keep);
+        print_compression(&report, cfg);
         self.held = format!("{before}{text}");
         self.document.push_str(&text);
         Ok(())
+    }
+}
+
+/// The template rendered earlier text differently from what the session holds, so
+/// the conversation is read again; say so when that loses a compressed document.
+fn warn_if_compressed(session: &Session) {
+    if session.cache().full_bytes() > session.kv_bytes() {
+        eprintln!(
+            "note: the chat template changed earlier text; the conversation is read again, \
+             and documents loaded before are no longer compressed"
+        );
     }
 }

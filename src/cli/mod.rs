@@ -94,6 +94,9 @@ impl KvArgs {
             None if self.keep.is_some() || self.budget.is_some() => Policy::SnapKv,
             None => Policy::Full,
         };
+        if policy == Policy::Full && (self.keep.is_some_and(|k| k < 1.0) || self.budget.is_some()) {
+            bail!("--kv-keep and --kv-budget need an eviction policy (--kv-policy), not full");
+        }
         let keep = match self.keep {
             Some(k) if !(k > 0.0 && k <= 1.0) => {
                 bail!("--kv-keep must lie in (0, 1] (the fraction of KV pairs kept), got {k}")
@@ -122,11 +125,21 @@ impl KvArgs {
         Ok(cfg)
     }
 
-    /// Apply these flags to a session.
-    pub fn apply(&self, session: &mut Session, l: &Loaded, seed: u64) -> Result<()> {
+    /// Apply these flags to a session. `chat` is the template the session's text is
+    /// rendered with, None for plain text: the KVzip teacher's repeat prompt follows it.
+    pub fn apply(
+        &self,
+        session: &mut Session,
+        l: &Loaded,
+        seed: u64,
+        chat: Option<&ChatTemplate>,
+    ) -> Result<()> {
         let cfg = self.config(seed)?;
         if cfg.policy == Policy::KvZip {
-            session.set_teacher_prompt(TeacherPrompt::new(&l.tokenizer, &l.template())?);
+            session.set_teacher_prompt(match chat {
+                Some(t) => TeacherPrompt::new(&l.tokenizer, t)?,
+                None => TeacherPrompt::plain(&l.tokenizer),
+            });
         }
         session.set_eviction(cfg)?;
         session.set_prefill_chunk(self.prefill_chunk);
@@ -135,20 +148,27 @@ impl KvArgs {
 }
 
 /// One line on what compressing a context did.
-pub fn print_compression(r: &CompressReport, policy: Policy, keep: f64) {
+pub fn print_compression(r: &CompressReport, cfg: &EvictionConfig) {
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let how = if cfg.is_active() && cfg.keep < 1.0 {
+        format!(
+            "{}, keep {}, level {}, window {}",
+            cfg.policy, cfg.keep, cfg.level, r.window
+        )
+    } else {
+        "no eviction".to_string()
+    };
     let teacher = if r.teacher_ms > 0.0 {
         format!(", of which the kvzip teacher {:.0} ms", r.teacher_ms)
     } else {
         String::new()
     };
     eprintln!(
-        "context: {} tokens, KV cache {:.2} MiB full -> {:.2} MiB held ({:.1}%; {policy}, keep {keep}, window {}) in {:.0} ms{teacher}",
+        "context: {} tokens, KV cache {:.2} MiB full -> {:.2} MiB held ({:.1}%; {how}) in {:.0} ms{teacher}",
         r.n_context,
         mib(r.kv_bytes_full),
         mib(r.kv_bytes),
         100.0 * r.kv_bytes as f64 / r.kv_bytes_full.max(1) as f64,
-        r.window,
         r.prefill_ms,
     );
 }

@@ -60,7 +60,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let l = a.model.load()?;
     let mut session = Session::new(&l.model, a.model.n_ctx(&l.model));
-    a.kv.apply(&mut session, &l, params.seed)?;
+    a.kv.apply(&mut session, &l, params.seed, None)?;
     if let Some(path) = &a.load_context {
         session
             .load_context(path)
@@ -97,7 +97,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             );
         }
         let (_, report) = session.feed_context(&prefix, &context)?;
-        print_compression(&report, session.eviction().policy, session.eviction().keep);
+        print_compression(&report, session.eviction());
         if let Some(save) = &a.save_context {
             save_context(&session, save)?;
         }

@@ -51,27 +51,25 @@ impl HeadKv {
         !self.masked.is_empty() && self.masked[j]
     }
 
-    /// Keep the entries where `keep` is true, in order, and free the others' memory:
-    /// the lists are rebuilt at their new size and the old allocations dropped.
+    /// Keep the entries where `keep` is true, in order, moving them down in place
+    /// from the first removed one. The capacity stays for the next appends (a
+    /// chunked prefill refills it); [`KvCache::shrink_to_fit`] returns it.
     fn compact(&mut self, keep: &[bool], dk: usize, dv: usize) {
-        let n = keep.iter().filter(|&&b| b).count();
-        let mut out = HeadKv {
-            k: Vec::with_capacity(n * dk),
-            v: Vec::with_capacity(n * dv),
-            pos: Vec::with_capacity(n),
-            score: Vec::with_capacity(n),
-            masked: Vec::with_capacity(if self.masked.is_empty() { 0 } else { n }),
+        let Some(first) = keep.iter().position(|&k| !k) else {
+            return;
         };
-        for (j, _) in keep.iter().enumerate().filter(|(_, &b)| b) {
-            out.k.extend_from_slice(&self.k[j * dk..(j + 1) * dk]);
-            out.v.extend_from_slice(&self.v[j * dv..(j + 1) * dv]);
-            out.pos.push(self.pos[j]);
-            out.score.push(self.score[j]);
+        let mut w = first;
+        for (j, _) in keep.iter().enumerate().skip(first).filter(|(_, &k)| k) {
+            self.k.copy_within(j * dk..(j + 1) * dk, w * dk);
+            self.v.copy_within(j * dv..(j + 1) * dv, w * dv);
+            self.pos[w] = self.pos[j];
+            self.score[w] = self.score[j];
             if !self.masked.is_empty() {
-                out.masked.push(self.masked[j]);
+                self.masked[w] = self.masked[j];
             }
+            w += 1;
         }
-        *self = out;
+        self.truncate(w, dk, dv);
     }
 
     /// Hide the entries where `keep` is false from attention, keeping their memory.
@@ -188,9 +186,9 @@ pub struct KvCache {
 #[derive(Debug)]
 pub struct Checkpoint {
     n_seen: usize,
-    /// Per layer: the list lengths (evictable layers) or a copy (sliding-window layers,
-    /// which drop old keys as new tokens arrive).
-    layers: Vec<Result<Vec<usize>, LayerKv>>,
+    /// Copies of the sliding-window layers (which drop old keys as new tokens come);
+    /// None for the others, which are cut back by position.
+    windows: Vec<Option<LayerKv>>,
 }
 
 impl KvCache {
@@ -256,33 +254,38 @@ impl KvCache {
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
             n_seen: self.n_seen,
-            layers: self
+            windows: self
                 .layers
                 .iter()
-                .map(|l| {
-                    if l.is_evictable() {
-                        Ok(l.heads.iter().map(HeadKv::len).collect())
-                    } else {
-                        Err(l.clone())
-                    }
-                })
+                .map(|l| (!l.is_evictable()).then(|| l.clone()))
                 .collect(),
         }
     }
 
-    /// Return to a checkpoint taken on this cache, dropping every token appended
-    /// since. Scores written meanwhile into entries that existed then are kept.
+    /// Return to a checkpoint taken on this cache: drop every token appended since
+    /// (evictable lists by position, so evictions meanwhile do not matter) and
+    /// restore the sliding windows. Scores written meanwhile into entries that
+    /// existed then are kept.
     pub fn rollback(&mut self, cp: Checkpoint) {
         let (dk, dv) = (self.shape.head_dim, self.shape.head_dim_v);
-        for (l, saved) in self.layers.iter_mut().zip(cp.layers) {
+        for (l, saved) in self.layers.iter_mut().zip(cp.windows) {
             match saved {
-                Ok(lens) => {
-                    for (h, n) in l.heads.iter_mut().zip(lens) {
-                        h.truncate(n, dk, dv);
-                        h.shrink_to_fit();
+                None => {
+                    for h in &mut l.heads {
+                        let keep = h.pos.partition_point(|&p| (p as usize) < cp.n_seen);
+                        h.truncate(keep, dk, dv);
                     }
                 }
-                Err(copy) => *l = copy,
+                Some(copy) => {
+                    // Copy back into the existing allocations, keeping their capacity.
+                    for (h, c) in l.heads.iter_mut().zip(&copy.heads) {
+                        h.k.clone_from(&c.k);
+                        h.v.clone_from(&c.v);
+                        h.pos.clone_from(&c.pos);
+                        h.score.clone_from(&c.score);
+                        h.masked.clone_from(&c.masked);
+                    }
+                }
             }
         }
         self.n_seen = cp.n_seen;
@@ -334,7 +337,7 @@ impl KvCache {
             .iter()
             .filter(|l| l.is_evictable())
             .flat_map(|l| &l.heads)
-            .map(|h| self.n_seen - h.len())
+            .map(|h| self.n_seen.saturating_sub(h.len()))
             .sum();
         self.bytes() + evicted * self.shape.entry_bytes()
     }
@@ -363,7 +366,9 @@ impl KvCache {
     }
 
     /// Remove (or, with [`EvictMode::Mask`], hide) entries of list (`il`, `h`) where
-    /// `keep` is false. Sliding-window layers are never evicted.
+    /// `keep` is false. Sliding-window layers are never evicted. Removal keeps the
+    /// list's capacity for what comes next; [`KvCache::shrink_to_fit`] and
+    /// [`release_freed_memory`] give the memory back.
     pub fn evict(&mut self, il: usize, h: usize, keep: &[bool], mode: EvictMode) {
         let layer = &mut self.layers[il];
         assert!(

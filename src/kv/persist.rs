@@ -79,16 +79,27 @@ impl SavedContext {
             path: path.to_path_buf(),
             source,
         };
-        let file = std::fs::File::create(path).map_err(io_err)?;
-        let mut w = Hashing {
-            inner: BufWriter::new(file),
-            hash: Xxh3Default::new(),
+        // Write next to the target, then rename: a failed save leaves the old file.
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
+        let write = || -> io::Result<()> {
+            let file = std::fs::File::create(&tmp)?;
+            let mut w = Hashing {
+                inner: BufWriter::new(file),
+                hash: Xxh3Default::new(),
+            };
+            write_body(&mut w, fingerprint, tokens, cache, judged_below)?;
+            let sum = w.hash.digest();
+            let mut inner = w.inner;
+            inner.write_all(&sum.to_le_bytes())?;
+            inner.flush()?;
+            std::fs::rename(&tmp, path)
         };
-        write_body(&mut w, fingerprint, tokens, cache, judged_below).map_err(io_err)?;
-        let sum = w.hash.digest();
-        let mut inner = w.inner;
-        inner.write_all(&sum.to_le_bytes()).map_err(io_err)?;
-        inner.flush().map_err(io_err)
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(e)
+        })
     }
 
     /// Read a context saved by [`SavedContext::save`] for the model with this
@@ -154,6 +165,9 @@ impl SavedContext {
         if tokens_len_mismatch(&cache, n_seen, &tokens) {
             return Err(r.malformed("token count and cache disagree"));
         }
+        if judged_below as usize > n_seen {
+            return Err(r.malformed("eviction progress beyond the tokens held"));
+        }
         cache.n_seen = n_seen;
         Ok(SavedContext {
             tokens,
@@ -205,13 +219,17 @@ fn write_body(
 }
 
 /// A saved context must hold one token per position seen, and no position beyond.
+/// Positions in every list strictly increase and stay below `n_seen`.
 fn tokens_len_mismatch(cache: &KvCache, n_seen: usize, tokens: &[u32]) -> bool {
     tokens.len() != n_seen
         || cache
             .layers
             .iter()
             .flat_map(|l: &LayerKv| &l.heads)
-            .any(|h| h.pos.last().is_some_and(|&p| p as usize >= n_seen) || !h.pos.is_sorted())
+            .any(|h| {
+                h.pos.last().is_some_and(|&p| p as usize >= n_seen)
+                    || h.pos.windows(2).any(|w| w[0] >= w[1])
+            })
 }
 
 /// Reads the body of a context file, with bounds checks.
@@ -379,6 +397,40 @@ mod tests {
             SavedContext::load(&path, 42, &shape()),
             Err(ContextFileError::Version { found: 2, .. })
         ));
+        // Edited bodies with a recomputed checksum are caught by validation.
+        let restamp = |mut body: Vec<u8>| {
+            let n = body.len();
+            let sum = xxh3_64(&body[..n - 8]);
+            body[n - 8..].copy_from_slice(&sum.to_le_bytes());
+            std::fs::write(&path, &body).unwrap();
+            SavedContext::load(&path, 42, &shape())
+        };
+        // judged_below (after magic, version, fingerprint, 4 dims, 2 windows, n_seen).
+        let judged_at = 8 + 4 + 8 + 4 * 8 + 2 * 8 + 8;
+        let mut b = good.clone();
+        b[judged_at..judged_at + 4].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(matches!(
+            restamp(b),
+            Err(ContextFileError::Malformed { .. })
+        ));
+        // The first position of the first list, made equal to the second.
+        let tokens_end = judged_at + 4 + 8 + 6 * 4;
+        let pos_at = tokens_end + 8 + 1;
+        let mut b = good.clone();
+        b[pos_at..pos_at + 4].copy_from_slice(&1u32.to_le_bytes());
+        assert!(matches!(
+            restamp(b),
+            Err(ContextFileError::Malformed { .. })
+        ));
+        // A list length far beyond the file.
+        let mut b = good.clone();
+        b[tokens_end..tokens_end + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            restamp(b),
+            Err(ContextFileError::Malformed { .. })
+        ));
+        assert!(restamp(good.clone()).is_ok());
+
         let missing = dir.path().join("missing.fkv");
         assert!(matches!(
             SavedContext::load(&missing, 42, &shape()),

@@ -103,8 +103,12 @@ impl EvictionConfig {
                 self.keep
             ));
         }
-        if self.budget == Some(0) {
-            return bad("the decode budget must be at least 1 pair per head".into());
+        if self.budget.is_some_and(|b| b < SINK_TOKENS + BUDGET_RECENT) {
+            return bad(format!(
+                "the decode budget must be at least {} pairs per head: the first {SINK_TOKENS} \
+                 and the last {BUDGET_RECENT} tokens are always kept",
+                SINK_TOKENS + BUDGET_RECENT
+            ));
         }
         if self.budget.is_some() && !self.policy.scores_incrementally() {
             return bad(format!(
@@ -134,25 +138,31 @@ pub struct TeacherPrompt {
 }
 
 impl TeacherPrompt {
-    /// The spec's prompt, with the chat template's assistant header (what the
-    /// template puts between a user message and the reply), or `"\n\nAnswer: "` for
-    /// a model without a template.
+    /// The spec's prompt for a context inside a chat: the chat template's assistant
+    /// header (what the template puts between a user message and the reply), or the
+    /// plain header for a model without a template.
     pub fn new(tokenizer: &Tokenizer, template: &ChatTemplate) -> Result<Self, SessionError> {
-        let header = if template.is_fallback() {
-            "\n\nAnswer: ".to_string()
-        } else {
-            const MARK: &str = "\u{1}";
-            let r = template.render(&[ChatMessage::user(MARK)], true)?;
-            r.split_once(MARK)
-                .map(|(_, h)| h.to_string())
-                .unwrap_or_default()
-        };
+        if template.is_fallback() {
+            return Ok(Self::plain(tokenizer));
+        }
+        const MARK: &str = "\u{1}";
+        let r = template.render(&[ChatMessage::user(MARK)], true)?;
+        let header = r.split_once(MARK).map(|(_, h)| h).unwrap_or_default();
+        Ok(Self::with_header(tokenizer, header))
+    }
+
+    /// The spec's prompt for plain text (no chat turns): header `"\n\nAnswer: "`.
+    pub fn plain(tokenizer: &Tokenizer) -> Self {
+        Self::with_header(tokenizer, "\n\nAnswer: ")
+    }
+
+    fn with_header(tokenizer: &Tokenizer, header: &str) -> Self {
         let enc = |s: &str| tokenizer.encode(s, false, true);
-        Ok(Self {
+        Self {
             first: enc("\n\nRepeat the previous context exactly."),
             next: enc("\n\nRepeat the part of the previous context exactly, starting with "),
-            header: enc(&header),
-        })
+            header: enc(header),
+        }
     }
 }
 
@@ -189,73 +199,91 @@ impl Session<'_> {
     }
 
     /// Feed `prefix` (kept whole: template, system prompt), then compress `context`
-    /// while feeding it, as the eviction settings say. Returns the logits after the
-    /// context and what the compression did. Nothing after the context is seen
-    /// before it is compressed: the compression is query-agnostic.
+    /// while feeding it, as the eviction settings say, and report what that did.
+    /// Nothing after the context is seen before it is compressed (query-agnostic).
+    ///
+    /// The logits returned are those of the last context token, computed before the
+    /// last eviction step; what follows the context (a question) is meant to be fed
+    /// next, against the compressed cache.
     pub fn feed_context(
         &mut self,
         prefix: &[u32],
         context: &[u32],
     ) -> Result<(Vec<f32>, CompressReport), SessionError> {
         let t0 = Instant::now();
+        let cfg = self.eviction.clone();
+        let evicting = cfg.policy != Policy::Full && cfg.keep < 1.0 && !context.is_empty();
+        if evicting && cfg.policy == Policy::KvZip {
+            // Fail before the prefill rather than after it.
+            let ctx_end = self.cache.n_seen() + prefix.len() + context.len();
+            self.check_teacher_fits(ctx_end, context.len())?;
+        }
         let mut logits = self.feed(prefix)?;
         let ctx_start = self.cache.n_seen();
         // The prefix, and at least the first tokens (attention sinks), are never judged.
         self.judged_below = self.judged_below.max(ctx_start).max(SINK_TOKENS);
-        let n = context.len();
-        let cfg = self.eviction.clone();
-        let window = cfg
-            .window
-            .unwrap_or((n / 50).min(MAX_DEFAULT_WINDOW))
-            .min((cfg.keep * n as f64).floor() as usize);
-        let mut report = CompressReport {
-            n_context: n,
-            window,
-            ..CompressReport::default()
-        };
-        if cfg.policy == Policy::Full || cfg.keep >= 1.0 || n == 0 {
-            if !context.is_empty() {
-                logits = self.feed(context)?;
-            }
+        // The context tokens that will be judged or kept in the window.
+        let n = (ctx_start + context.len()).saturating_sub(self.judged_below);
+        let target = (cfg.keep * n as f64).floor() as usize;
+        // StreamingLLM keeps one recent window: everything older goes. The other
+        // policies keep a window of W whole, W never more than what is kept.
+        let (window, keep_outside) = if cfg.policy == Policy::Streaming {
+            (target, 0.0)
         } else {
-            // Ratio for the tokens outside the window, so that r*n pairs remain.
-            let keep_outside = if n > window {
-                (cfg.keep * n as f64 - window as f64) / (n - window) as f64
+            let w = cfg
+                .window
+                .unwrap_or((n / 50).min(MAX_DEFAULT_WINDOW))
+                .min(target);
+            // r' = (r*n - W) / (n - W): the ratio outside the window that leaves r*n.
+            let r = if n > w {
+                (cfg.keep * n as f64 - w as f64) / (n - w) as f64
             } else {
                 1.0
             };
-            if cfg.policy.scores_incrementally() {
-                let n_chunks = n.div_ceil(self.prefill_chunk);
-                for (i, chunk) in context.chunks(self.prefill_chunk).enumerate() {
-                    if cfg.policy == Policy::SnapKv {
-                        self.reset_scores(0);
-                    }
-                    let probe = cfg.policy.probe(chunk.len());
-                    logits = self.forward(chunk, last_logits(i, n_chunks), probe)?;
-                    if cfg.policy == Policy::SnapKv {
-                        self.pool_scores();
-                    }
-                    let judge_to = self.cache.n_seen().saturating_sub(window);
-                    self.judge(judge_to, keep_outside);
+            (w, r)
+        };
+        let mut report = CompressReport {
+            n_context: context.len(),
+            window,
+            ..CompressReport::default()
+        };
+        if !evicting {
+            if !context.is_empty() {
+                logits = self.feed(context)?;
+            }
+        } else if cfg.policy.scores_incrementally() {
+            let n_chunks = context.len().div_ceil(self.prefill_chunk);
+            for (i, chunk) in context.chunks(self.prefill_chunk).enumerate() {
+                if cfg.policy == Policy::SnapKv {
+                    // SnapKV scores afresh from the newest queries (the chunk's last 32).
+                    let from = self.judged_below;
+                    self.reset_scores(from);
                 }
-            } else {
-                if self.teacher.is_none() {
-                    return Err(SessionError::NoTeacherPrompt);
+                let probe = cfg.policy.probe(chunk.len());
+                logits = self.forward(chunk, last_logits(i, n_chunks), probe)?;
+                if cfg.policy == Policy::SnapKv {
+                    let from = self.judged_below;
+                    self.pool_scores(from);
                 }
-                let n_chunks = n.div_ceil(self.prefill_chunk);
-                for (i, chunk) in context.chunks(self.prefill_chunk).enumerate() {
-                    logits = self.forward(chunk, last_logits(i, n_chunks), None)?;
-                }
-                let t = Instant::now();
-                self.run_teacher(ctx_start, self.cache.n_seen())?;
-                report.teacher_ms = t.elapsed().as_secs_f64() * 1e3;
                 let judge_to = self.cache.n_seen().saturating_sub(window);
                 self.judge(judge_to, keep_outside);
             }
-            if cfg.mode == EvictMode::Compact {
-                self.cache.shrink_to_fit();
-                release_freed_memory();
+        } else {
+            let n_chunks = context.len().div_ceil(self.prefill_chunk);
+            for (i, chunk) in context.chunks(self.prefill_chunk).enumerate() {
+                logits = self.forward(chunk, last_logits(i, n_chunks), None)?;
             }
+            let t = Instant::now();
+            self.run_teacher(ctx_start, self.cache.n_seen())?;
+            report.teacher_ms = t.elapsed().as_secs_f64() * 1e3;
+            let judge_to = self.cache.n_seen().saturating_sub(window);
+            self.judge(judge_to, keep_outside);
+        }
+        if evicting && cfg.mode == EvictMode::Compact {
+            // Lists kept spare room between chunks for the next appends; now that the
+            // context is in, hold exactly what is kept.
+            self.cache.shrink_to_fit();
+            release_freed_memory();
         }
         report.kv_bytes_full = self.cache.full_bytes();
         report.kv_bytes = self.cache.bytes();
@@ -263,27 +291,34 @@ impl Session<'_> {
         Ok((logits, report))
     }
 
-    /// Score every context pair with the KVzip teacher: for each chunk of the context
-    /// `ctx_start..ctx_end`, run the repeat prompt and that chunk after the context,
-    /// take each pair's largest attention probability, then drop the repeat's KV.
-    pub fn run_teacher(&mut self, ctx_start: usize, ctx_end: usize) -> Result<(), SessionError> {
-        let t = self.teacher.clone().ok_or(SessionError::NoTeacherPrompt)?;
-        let n_ctx_train = self.model.config.n_ctx_train;
+    /// Whether the KVzip teacher's repeat passes fit in the model's positions for a
+    /// context of `n` tokens ending at position `ctx_end`.
+    fn check_teacher_fits(&self, ctx_end: usize, n: usize) -> Result<(), SessionError> {
+        let t = self.teacher.as_ref().ok_or(SessionError::NoTeacherPrompt)?;
         // The longest repeat input: instruction, header and one chunk.
-        let n = ctx_end - ctx_start;
         let longest = t.header.len()
             + if n > KVZIP_CHUNK {
                 t.first.len().max(t.next.len() + KVZIP_QUOTE) + KVZIP_CHUNK
             } else {
                 t.first.len() + n
             };
-        let needed = self.cache.n_seen() + longest;
-        if needed > n_ctx_train {
+        let n_ctx_train = self.model.config.n_ctx_train;
+        if ctx_end + longest > n_ctx_train {
             return Err(SessionError::TeacherTooLong {
-                needed,
+                needed: ctx_end + longest,
                 n_ctx_train,
             });
         }
+        Ok(())
+    }
+
+    /// Score every context pair with the KVzip teacher: for each chunk of the context
+    /// `ctx_start..ctx_end`, run the repeat prompt and that chunk after the context,
+    /// take each pair's largest attention probability, then drop the repeat's KV.
+    pub fn run_teacher(&mut self, ctx_start: usize, ctx_end: usize) -> Result<(), SessionError> {
+        self.check_teacher_fits(self.cache.n_seen(), ctx_end - ctx_start)?;
+        let t = self.teacher.clone().ok_or(SessionError::NoTeacherPrompt)?;
+        let n_ctx_train = self.model.config.n_ctx_train;
         for h in self.evictable_heads_mut() {
             let from = h.pos.partition_point(|&p| (p as usize) < ctx_start);
             let to = h.pos.partition_point(|&p| (p as usize) < ctx_end);
@@ -324,6 +359,7 @@ impl Session<'_> {
                         Some(&probe),
                     )
                     .map(drop);
+                self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
                 if result.is_err() {
                     break;
                 }
@@ -371,8 +407,7 @@ impl Session<'_> {
         out
     }
 
-    /// Keep the best `keep` fraction of `cands`, evict the others, and give the
-    /// memory back.
+    /// Keep the best `keep` fraction of `cands` and evict the others.
     fn evict_unselected(&mut self, cands: &[Candidate], keep: f64) {
         let flags = select(cands, keep, self.eviction.level);
         if flags.iter().all(|&k| k) {
@@ -388,9 +423,6 @@ impl Session<'_> {
                 i += 1;
             }
             self.cache.evict(il, h, &keep_list, mode);
-        }
-        if mode == EvictMode::Compact {
-            release_freed_memory();
         }
     }
 
@@ -411,10 +443,13 @@ impl Session<'_> {
         }
     }
 
-    /// SnapKV's max-pooling of every evictable list's scores.
-    fn pool_scores(&mut self) {
+    /// SnapKV's max-pooling of the scores of entries at positions `from..` in every
+    /// evictable list. Pooling needs neighbours in position: below `from` lists may
+    /// have been compacted, from there on they hold every token.
+    fn pool_scores(&mut self, from: usize) {
         for h in self.evictable_heads_mut() {
-            max_pool(&mut h.score, SNAPKV_KERNEL);
+            let j = h.pos.partition_point(|&p| (p as usize) < from);
+            max_pool(&mut h.score[j..], SNAPKV_KERNEL);
         }
     }
 
@@ -482,7 +517,7 @@ impl Session<'_> {
         }
         self.since_budget = 0;
         if self.eviction.policy == Policy::SnapKv {
-            self.pool_scores();
+            self.pool_scores(0);
         }
         let n_seen = self.cache.n_seen();
         let recent_from = n_seen.saturating_sub(BUDGET_RECENT);
@@ -506,6 +541,10 @@ impl Session<'_> {
         let allowed = (budget * n_lists).saturating_sub(protected);
         if cands.len() > allowed {
             self.evict_unselected(&cands, allowed as f64 / cands.len() as f64);
+            if self.eviction.mode == EvictMode::Compact {
+                self.cache.shrink_to_fit();
+                release_freed_memory();
+            }
         }
     }
 
@@ -529,6 +568,10 @@ impl Session<'_> {
             self.model.file().fingerprint(),
             &self.model.kv_shape(),
         )?;
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&bad) = saved.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ModelError::BadToken(bad).into());
+        }
         if saved.tokens.len() >= self.n_ctx {
             return Err(SessionError::SavedTooLong {
                 n: saved.tokens.len(),
