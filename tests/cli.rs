@@ -502,7 +502,7 @@ fn bad_kv_flags_are_refused() {
         (&["--prefill-chunk", "0"][..], "--prefill-chunk"),
         (
             &["--kv-policy", "full", "--kv-keep", "0.5"][..],
-            "needs an eviction policy",
+            "need an eviction policy",
         ),
     ] {
         let mut args = vec!["run", "-m", p, "-p", "hi", "-n", "1"];

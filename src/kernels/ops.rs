@@ -4,6 +4,7 @@
 use std::sync::OnceLock;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// `out = x / rms(x) * w` (RMSNorm), as ggml computes it: the sum of squares of f32
 /// products accumulated in f64, then `x * scale * w`.
@@ -147,10 +148,39 @@ pub fn softmax_exp8(x: &mut [f32; 8], max: f32) -> f32 {
     (a[0] + a[2]) + (a[1] + a[3])
 }
 
-/// Convert f32 to f16.
+/// Convert f32 to f16 (8 lanes at a time with F16C).
 pub fn to_f16(src: &[f32], dst: &mut [f16]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = f16::from_f32(s);
+    let n = src.len().min(dst.len());
+    dst[..n].convert_from_f32_slice(&src[..n]);
+}
+
+/// Values converted per step of the f16 accumulator helpers (on the stack).
+const F16_BLOCK: usize = 64;
+
+/// `acc[i] = f16(v[i] * w + acc[i])`: a fused multiply-add in f32, rounded to f16,
+/// as ggml's f16 attention accumulator (`ggml_vec_mad_f16`) does, converting 8 lanes
+/// at a time.
+pub fn f16_axpy(acc: &mut [f16], v: &[f16], w: f32) {
+    let (mut a, mut b) = ([0f32; F16_BLOCK], [0f32; F16_BLOCK]);
+    for (ac, vc) in acc.chunks_mut(F16_BLOCK).zip(v.chunks(F16_BLOCK)) {
+        let n = ac.len();
+        ac.convert_to_f32_slice(&mut a[..n]);
+        vc.convert_to_f32_slice(&mut b[..n]);
+        for (x, &y) in a[..n].iter_mut().zip(&b[..n]) {
+            *x = y.mul_add(w, *x);
+        }
+        ac.convert_from_f32_slice(&a[..n]);
+    }
+}
+
+/// `acc[i] = f16(acc[i] * s)` (ggml's `ggml_vec_scale_f16`).
+pub fn f16_scale(acc: &mut [f16], s: f32) {
+    let mut a = [0f32; F16_BLOCK];
+    for ac in acc.chunks_mut(F16_BLOCK) {
+        let n = ac.len();
+        ac.convert_to_f32_slice(&mut a[..n]);
+        a[..n].iter_mut().for_each(|x| *x *= s);
+        ac.convert_from_f32_slice(&a[..n]);
     }
 }
 

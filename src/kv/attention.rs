@@ -4,7 +4,7 @@ use rayon::prelude::*;
 use half::f16;
 
 use super::{HeadKv, KvShape, LayerKv};
-use crate::kernels::{dot_f16, softmax_exp8};
+use crate::kernels::{dot_f16, f16_axpy, f16_scale, softmax_exp8, to_f16};
 
 /// Keys per tile (llama.cpp's CPU flash attention uses 64 as well).
 const KV_TILE: usize = 64;
@@ -203,9 +203,7 @@ fn decode_one(
     out: &mut [f32],
 ) {
     let (dk, dv) = (q16.len(), acc.len());
-    for (d, &v) in q16.iter_mut().zip(q) {
-        *d = f16::from_f32(v);
-    }
+    to_f16(q, q16);
     acc.fill(f16::ZERO);
     let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
     for j in start..end {
@@ -217,15 +215,11 @@ fn decode_one(
         if s > m {
             ms = (m - s).exp();
             m = s;
-            for a in acc.iter_mut() {
-                *a = f16::from_f32(a.to_f32() * ms);
-            }
+            f16_scale(acc, ms);
         } else {
             vs = (s - m).exp();
         }
-        for (a, v) in acc.iter_mut().zip(&head.v[j * dv..(j + 1) * dv]) {
-            *a = f16::from_f32(v.to_f32().mul_add(vs, a.to_f32()));
-        }
+        f16_axpy(acc, &head.v[j * dv..(j + 1) * dv], vs);
         sum = sum.mul_add(ms, vs);
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
