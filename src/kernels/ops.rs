@@ -238,6 +238,25 @@ mod tests {
         assert_eq!(g[3], 20.0);
     }
 
+    /// The vectorised f16 accumulator rounds exactly as the scalar formula does.
+    #[test]
+    fn f16_accumulator_matches_scalar_rounding() {
+        let v: Vec<f16> = (0..150)
+            .map(|i| f16::from_f32((i as f32 * 0.37).sin() * 3.0))
+            .collect();
+        let mut acc: Vec<f16> = (0..150)
+            .map(|i| f16::from_f32((i as f32 * 0.11).cos()))
+            .collect();
+        let mut want = acc.clone();
+        f16_axpy(&mut acc, &v, 0.713);
+        f16_scale(&mut acc, 0.25);
+        for (a, x) in want.iter_mut().zip(&v) {
+            *a = f16::from_f32(x.to_f32().mul_add(0.713, a.to_f32()));
+            *a = f16::from_f32(a.to_f32() * 0.25);
+        }
+        assert_eq!(acc, want);
+    }
+
     #[test]
     fn softmax_exp_is_accurate() {
         // Normal results (down to exp(-87)); below that only absolute accuracy matters.
