@@ -319,24 +319,32 @@ impl KvCache {
             .sum()
     }
 
-    /// Bytes held by the layers eviction may shrink.
-    pub fn evictable_bytes(&self) -> usize {
+    /// The lists eviction may shrink: every head of every layer without a window.
+    pub fn evictable_heads(&self) -> impl Iterator<Item = &HeadKv> {
         self.layers
             .iter()
             .filter(|l| l.is_evictable())
             .flat_map(|l| &l.heads)
-            .map(HeadKv::bytes)
-            .sum()
+    }
+
+    /// [`KvCache::evictable_heads`], mutably (for scores).
+    pub fn evictable_heads_mut(&mut self) -> impl Iterator<Item = &mut HeadKv> {
+        self.layers
+            .iter_mut()
+            .filter(|l| l.is_evictable())
+            .flat_map(|l| &mut l.heads)
+    }
+
+    /// Bytes held by the layers eviction may shrink.
+    pub fn evictable_bytes(&self) -> usize {
+        self.evictable_heads().map(HeadKv::bytes).sum()
     }
 
     /// Bytes the cache would hold without eviction: what it holds, plus the pairs
     /// evicted from lists that would otherwise hold every token seen.
     pub fn full_bytes(&self) -> usize {
         let evicted: usize = self
-            .layers
-            .iter()
-            .filter(|l| l.is_evictable())
-            .flat_map(|l| &l.heads)
+            .evictable_heads()
             .map(|h| self.n_seen.saturating_sub(h.len()))
             .sum();
         self.bytes() + evicted * self.shape.entry_bytes()
@@ -344,25 +352,13 @@ impl KvCache {
 
     /// Entries held in evictable lists.
     pub fn evictable_entries(&self) -> usize {
-        self.layers
-            .iter()
-            .filter(|l| l.is_evictable())
-            .flat_map(|l| &l.heads)
-            .map(HeadKv::len)
-            .sum()
+        self.evictable_heads().map(HeadKv::len).sum()
     }
 
     /// Release the spare capacity of evictable lists, so that after a compression
     /// the bytes held are the bytes used.
     pub fn shrink_to_fit(&mut self) {
-        for h in self
-            .layers
-            .iter_mut()
-            .filter(|l| l.is_evictable())
-            .flat_map(|l| &mut l.heads)
-        {
-            h.shrink_to_fit();
-        }
+        self.evictable_heads_mut().for_each(HeadKv::shrink_to_fit);
     }
 
     /// Remove (or, with [`EvictMode::Mask`], hide) entries of list (`il`, `h`) where

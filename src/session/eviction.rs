@@ -319,7 +319,7 @@ impl Session<'_> {
         self.check_teacher_fits(self.cache.n_seen(), ctx_end - ctx_start)?;
         let t = self.teacher.clone().ok_or(SessionError::NoTeacherPrompt)?;
         let n_ctx_train = self.model.config.n_ctx_train;
-        for h in self.evictable_heads_mut() {
+        for h in self.cache.evictable_heads_mut() {
             let from = h.pos.partition_point(|&p| (p as usize) < ctx_start);
             let to = h.pos.partition_point(|&p| (p as usize) < ctx_end);
             h.score[from..to].fill(0.0);
@@ -426,18 +426,10 @@ impl Session<'_> {
         }
     }
 
-    fn evictable_heads_mut(&mut self) -> impl Iterator<Item = &mut crate::kv::HeadKv> {
-        self.cache
-            .layers
-            .iter_mut()
-            .filter(|l| l.is_evictable())
-            .flat_map(|l| l.heads.iter_mut())
-    }
-
     /// Set the scores of evictable entries at positions `from..` to 0 (SnapKV starts
     /// every observation afresh).
     fn reset_scores(&mut self, from: usize) {
-        for h in self.evictable_heads_mut() {
+        for h in self.cache.evictable_heads_mut() {
             let j = h.pos.partition_point(|&p| (p as usize) < from);
             h.score[j..].fill(0.0);
         }
@@ -447,7 +439,7 @@ impl Session<'_> {
     /// evictable list. Pooling needs neighbours in position: below `from` lists may
     /// have been compacted, from there on they hold every token.
     fn pool_scores(&mut self, from: usize) {
-        for h in self.evictable_heads_mut() {
+        for h in self.cache.evictable_heads_mut() {
             let j = h.pos.partition_point(|&p| (p as usize) < from);
             max_pool(&mut h.score[j..], SNAPKV_KERNEL);
         }
@@ -522,19 +514,10 @@ impl Session<'_> {
         let n_seen = self.cache.n_seen();
         let recent_from = n_seen.saturating_sub(BUDGET_RECENT);
         let cands = self.candidates(|p| p >= SINK_TOKENS && p < recent_from);
-        let n_lists = self
-            .cache
-            .layers
-            .iter()
-            .filter(|l| l.is_evictable())
-            .count()
-            * self.cache.shape.n_head_kv;
+        let n_lists = self.cache.evictable_heads().count();
         let live: usize = self
             .cache
-            .layers
-            .iter()
-            .filter(|l| l.is_evictable())
-            .flat_map(|l| &l.heads)
+            .evictable_heads()
             .map(|h| (0..h.len()).filter(|&j| !h.is_masked(j)).count())
             .sum();
         let protected = live - cands.len();
