@@ -1,6 +1,7 @@
 //! The `fastkv` command line: subcommands and flags named as llama.cpp names them.
 mod bench;
 mod chat;
+mod eval;
 mod inspect;
 mod perplexity;
 mod run;
@@ -44,6 +45,8 @@ pub enum Command {
     /// Prompt and generation speed as llama-bench measures it (`--compare llama.cpp`:
     /// side by side with llama.cpp).
     Bench(bench::BenchArgs),
+    /// Quality of KV eviction against the full cache: `kld`, `niah`, `sweep`.
+    Eval(eval::EvalArgs),
 }
 
 /// Flags shared by every command that runs a model.
@@ -241,6 +244,7 @@ pub fn main() -> Result<()> {
         Command::Perplexity(a) => perplexity::perplexity(a),
         Command::Inspect(a) => inspect::inspect(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Eval(a) => eval::eval(a),
     }
 }
 

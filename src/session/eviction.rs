@@ -121,6 +121,27 @@ impl EvictionConfig {
         Ok(())
     }
 
+    /// For a context of `n` judged tokens: the recent window W kept whole, and the
+    /// keep ratio r' = (r*n - W) / (n - W) outside it that leaves r*n pairs.
+    /// StreamingLLM keeps one recent window of r*n: everything older goes. The other
+    /// policies keep a window of W whole, W never more than what is kept.
+    fn window_plan(&self, n: usize) -> (usize, f64) {
+        let target = (self.keep * n as f64).floor() as usize;
+        if self.policy == Policy::Streaming {
+            return (target, 0.0);
+        }
+        let w = self
+            .window
+            .unwrap_or((n / 50).min(MAX_DEFAULT_WINDOW))
+            .min(target);
+        let r = if n > w {
+            (self.keep * n as f64 - w as f64) / (n - w) as f64
+        } else {
+            1.0
+        };
+        (w, r)
+    }
+
     /// Whether anything would ever be evicted.
     pub fn is_active(&self) -> bool {
         self.policy != Policy::Full && (self.keep < 1.0 || self.budget.is_some())
@@ -163,6 +184,27 @@ impl TeacherPrompt {
             next: enc("\n\nRepeat the part of the previous context exactly, starting with "),
             header: enc(header),
         }
+    }
+}
+
+/// Every context pair's score under several policies, from one prefill
+/// ([`Session::feed_context_scored`]).
+#[derive(Debug, Clone, Default)]
+pub struct ContextScores {
+    pub n_context: usize,
+    /// Per policy, one score per entry of every evictable list.
+    scores: Vec<(Policy, Vec<Vec<f32>>)>,
+    pub prefill_ms: f64,
+    pub teacher_ms: f64,
+}
+
+impl ContextScores {
+    /// The scores of `policy`, if they were computed.
+    pub fn of(&self, policy: Policy) -> Option<&[Vec<f32>]> {
+        self.scores
+            .iter()
+            .find(|(p, _)| *p == policy)
+            .map(|(_, s)| s.as_slice())
     }
 }
 
@@ -224,24 +266,7 @@ impl Session<'_> {
         self.judged_below = self.judged_below.max(ctx_start).max(SINK_TOKENS);
         // The context tokens that will be judged or kept in the window.
         let n = (ctx_start + context.len()).saturating_sub(self.judged_below);
-        let target = (cfg.keep * n as f64).floor() as usize;
-        // StreamingLLM keeps one recent window: everything older goes. The other
-        // policies keep a window of W whole, W never more than what is kept.
-        let (window, keep_outside) = if cfg.policy == Policy::Streaming {
-            (target, 0.0)
-        } else {
-            let w = cfg
-                .window
-                .unwrap_or((n / 50).min(MAX_DEFAULT_WINDOW))
-                .min(target);
-            // r' = (r*n - W) / (n - W): the ratio outside the window that leaves r*n.
-            let r = if n > w {
-                (cfg.keep * n as f64 - w as f64) / (n - w) as f64
-            } else {
-                1.0
-            };
-            (w, r)
-        };
+        let (window, keep_outside) = cfg.window_plan(n);
         let mut report = CompressReport {
             n_context: context.len(),
             window,
@@ -291,9 +316,172 @@ impl Session<'_> {
         Ok((logits, report))
     }
 
+    /// The first half of one-shot compression, the protocol of the method papers'
+    /// tables: feed `prefix`, then the whole `context` with the full cache, and score
+    /// every context pair under each of `policies` from that single prefill (H2O: the
+    /// attention every context query gave; SnapKV: that of the last 32, max-pooled;
+    /// KVzip: its teacher). [`Session::compress_scored`] then evicts a copy of this
+    /// session for any policy and keep ratio without prefilling again. Nothing after
+    /// the context is seen (query-agnostic). Returns the last context token's logits.
+    pub fn feed_context_scored(
+        &mut self,
+        prefix: &[u32],
+        context: &[u32],
+        policies: &[Policy],
+    ) -> Result<(Vec<f32>, ContextScores), SessionError> {
+        let t0 = Instant::now();
+        let wants = |p: Policy| policies.contains(&p);
+        if wants(Policy::KvZip) && !context.is_empty() {
+            let ctx_end = self.cache.n_seen() + prefix.len() + context.len();
+            self.check_teacher_fits(ctx_end, context.len())?;
+        }
+        let mut logits = self.feed(prefix)?;
+        let ctx_start = self.cache.n_seen();
+        self.judged_below = self.judged_below.max(ctx_start).max(SINK_TOKENS);
+        // H2O observes every context query, SnapKV the last 32. When both are wanted,
+        // those 32 are fed on their own so that their attention can be kept apart;
+        // otherwise the context is fed in the same chunks as `feed_context` feeds it.
+        let n = context.len();
+        let window_from = n - n.min(SNAPKV_WINDOW);
+        let split = if wants(Policy::H2o) && wants(Policy::SnapKv) {
+            window_from
+        } else {
+            n
+        };
+        let probe = |a: usize, b: usize| {
+            let first_row = if wants(Policy::H2o) {
+                0
+            } else if wants(Policy::SnapKv) && b > window_from {
+                window_from.max(a) - a
+            } else {
+                return None;
+            };
+            Some(Probe {
+                first_row,
+                reduce: Reduce::Sum,
+                keys: KeyFilter::Visible,
+            })
+        };
+        self.reset_scores(0);
+        let n_chunks = split.div_ceil(self.prefill_chunk);
+        for (i, chunk) in context[..split].chunks(self.prefill_chunk).enumerate() {
+            let a = i * self.prefill_chunk;
+            let want = if i + 1 == n_chunks && split == n {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            logits = self.forward(chunk, want, probe(a, a + chunk.len()))?;
+        }
+        let before_window = self.list_scores();
+        if split < n {
+            self.reset_scores(0);
+            logits = self.forward(&context[split..], Logits::Last, probe(split, n))?;
+        }
+        let window = self.list_scores();
+        let from = self.judged_below;
+        let mut out = ContextScores {
+            n_context: context.len(),
+            scores: Vec::new(),
+            prefill_ms: 0.0,
+            teacher_ms: 0.0,
+        };
+        for &policy in policies {
+            let scores = match policy {
+                Policy::Full => continue,
+                Policy::H2o if split < n => before_window
+                    .iter()
+                    .zip(&window)
+                    .map(|(a, b)| {
+                        let mut s = b.clone();
+                        s.iter_mut().zip(a).for_each(|(x, y)| *x += y);
+                        s
+                    })
+                    .collect(),
+                Policy::H2o => before_window.clone(),
+                Policy::SnapKv => {
+                    let mut s = window.clone();
+                    for (h, list) in self.cache.evictable_heads().zip(&mut s) {
+                        let j = h.pos.partition_point(|&p| (p as usize) < from);
+                        max_pool(&mut list[j..], SNAPKV_KERNEL);
+                    }
+                    s
+                }
+                Policy::KvZip => {
+                    let t = Instant::now();
+                    self.run_teacher(ctx_start, self.cache.n_seen())?;
+                    out.teacher_ms += t.elapsed().as_secs_f64() * 1e3;
+                    self.list_scores()
+                }
+                Policy::Streaming | Policy::Random => {
+                    self.set_arrival_scores(policy, 0);
+                    self.list_scores()
+                }
+            };
+            out.scores.push((policy, scores));
+        }
+        self.reset_scores(0);
+        out.prefill_ms = t0.elapsed().as_secs_f64() * 1e3 - out.teacher_ms;
+        Ok((logits, out))
+    }
+
+    /// The second half of one-shot compression: with the scores of `policy` from
+    /// [`Session::feed_context_scored`] (on this session or the one it was cloned
+    /// from), keep the fraction `cfg.keep` of the context's pairs, with the same
+    /// window, sinks and selection as [`Session::feed_context`], and use `cfg` from
+    /// now on.
+    pub fn compress_scored(
+        &mut self,
+        scores: &ContextScores,
+        cfg: EvictionConfig,
+    ) -> Result<CompressReport, SessionError> {
+        self.set_eviction(cfg.clone())?;
+        let n = scores
+            .n_context
+            .min(self.cache.n_seen().saturating_sub(self.judged_below));
+        let (window, keep_outside) = cfg.window_plan(n);
+        let mut report = CompressReport {
+            n_context: scores.n_context,
+            window,
+            prefill_ms: scores.prefill_ms,
+            teacher_ms: scores.teacher_ms,
+            ..CompressReport::default()
+        };
+        if cfg.policy != Policy::Full && cfg.keep < 1.0 {
+            let lists = scores.of(cfg.policy).ok_or_else(|| {
+                SessionError::BadEviction(format!("no {} scores were computed", cfg.policy))
+            })?;
+            for (h, s) in self.cache.evictable_heads_mut().zip(lists) {
+                if h.score.len() != s.len() {
+                    return Err(SessionError::BadEviction(
+                        "the scores belong to another context".into(),
+                    ));
+                }
+                h.score.copy_from_slice(s);
+            }
+            let judge_to = self.cache.n_seen().saturating_sub(window);
+            self.judge(judge_to, keep_outside);
+            if cfg.mode == EvictMode::Compact {
+                self.cache.shrink_to_fit();
+                release_freed_memory();
+            }
+        }
+        report.kv_bytes_full = self.cache.full_bytes();
+        report.kv_bytes = self.cache.bytes();
+        Ok(report)
+    }
+
+    /// The scores of every evictable list, in [`KvCache::evictable_heads`] order.
+    fn list_scores(&self) -> Vec<Vec<f32>> {
+        self.cache
+            .evictable_heads()
+            .map(|h| h.score.clone())
+            .collect()
+    }
+
     /// Whether the KVzip teacher's repeat passes fit in the model's positions for a
     /// context of `n` tokens ending at position `ctx_end`.
-    fn check_teacher_fits(&self, ctx_end: usize, n: usize) -> Result<(), SessionError> {
+    pub fn check_teacher_fits(&self, ctx_end: usize, n: usize) -> Result<(), SessionError> {
         let t = self.teacher.as_ref().ok_or(SessionError::NoTeacherPrompt)?;
         // The longest repeat input: instruction, header and one chunk.
         let longest = t.header.len()
@@ -448,10 +636,16 @@ impl Session<'_> {
     /// Arrival scores for the entries from position `start` on (streaming: recency;
     /// random: a seeded draw). Policies that observe attention set their own.
     pub(super) fn score_arrivals(&mut self, start: usize) {
-        let (policy, seed) = (self.eviction.policy, self.eviction.seed);
+        let policy = self.eviction.policy;
         if !self.eviction.is_active() || !matches!(policy, Policy::Streaming | Policy::Random) {
             return;
         }
+        self.set_arrival_scores(policy, start);
+    }
+
+    /// Give the entries from position `start` on `policy`'s arrival scores.
+    fn set_arrival_scores(&mut self, policy: Policy, start: usize) {
+        let seed = self.eviction.seed;
         for (il, l) in self.cache.layers.iter_mut().enumerate() {
             if !l.is_evictable() {
                 continue;

@@ -3,7 +3,9 @@
 //! a `Session`; the model never sees more than one call of `forward` at a time.
 mod eviction;
 
-pub use eviction::{CompressReport, EvictionConfig, SessionError, TeacherPrompt, KVZIP_CHUNK};
+pub use eviction::{
+    CompressReport, ContextScores, EvictionConfig, SessionError, TeacherPrompt, KVZIP_CHUNK,
+};
 
 use crate::kv::{KvCache, Probe};
 use crate::model::{Logits, Model, ModelError};
@@ -12,7 +14,9 @@ use crate::model::{Logits, Model, ModelError};
 /// weights, small enough to bound scratch memory.
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
-/// A model together with a KV cache and the token ids the cache holds.
+/// A model together with a KV cache and the token ids the cache holds. Cloning one
+/// copies its cache (the eval harness compresses copies of one prefilled context).
+#[derive(Clone)]
 pub struct Session<'m> {
     model: &'m Model,
     cache: KvCache,

@@ -1,0 +1,524 @@
+//! `fastkv eval`: what eviction costs, against the full cache on the same model.
+//! `kld` compares next-token distributions on a continuation, `niah` asks RULER-style
+//! retrieval questions, `sweep` runs both over policies and keep ratios and writes
+//! CSV, markdown and PNG plots.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{Loaded, ModelArgs};
+use crate::eval::harness::Answer;
+use crate::eval::report::{self, Results, Row};
+use crate::eval::tasks::{Generator, TaskKind};
+use crate::eval::{Harness, Schedule, Variant};
+use crate::kv::{Level, Policy};
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub command: EvalCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// KL divergence, top-1 agreement and delta NLL of a continuation after a
+    /// compressed context, against the full cache.
+    Kld(KldArgs),
+    /// RULER-style retrieval tasks (needles, variable tracking, key-value) asked after
+    /// the compressed context; exact-match accuracy.
+    Niah(NiahArgs),
+    /// Both, over policies x keep ratios, written as CSV, markdown and PNG plots.
+    Sweep(SweepArgs),
+}
+
+/// Flags every eval command takes. Sessions use the model's training context (-c
+/// is not used): contexts are sized by --ctx / --lengths.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Eviction policies to compare with the full cache, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "streaming,h2o,snapkv,kvzip,random"
+    )]
+    pub policies: Vec<String>,
+    /// When to compress: oneshot (prefill the whole context, then evict once, as the
+    /// method papers measure; one prefill serves every variant) or chunked (the
+    /// runtime's chunked prefill, one prefill per variant).
+    #[arg(long, default_value = "oneshot")]
+    pub schedule: String,
+    /// Selection level for every policy: global, layer, head [default: each policy's].
+    #[arg(long = "kv-level")]
+    pub level: Option<String>,
+    /// Seed of the task generators and of the random policy.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// System message for models with a chat template.
+    #[arg(long, default_value = "You are a helpful assistant.")]
+    pub system: String,
+    /// Output format on stdout: md, json or csv.
+    #[arg(short = 'o', long = "output", default_value = "md")]
+    pub output: String,
+}
+
+#[derive(Args, Debug)]
+pub struct KldArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Text file to cut documents from (e.g. wikitext-2-raw/wiki.test.raw).
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Keep ratios, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.3")]
+    pub keeps: Vec<f64>,
+    #[command(flatten)]
+    pub docs: DocArgs,
+}
+
+/// How the continuation documents are cut.
+#[derive(Args, Debug, Clone)]
+pub struct DocArgs {
+    /// Context tokens compressed per document.
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Continuation tokens teacher-forced after the context.
+    #[arg(long, default_value_t = 64)]
+    pub cont: usize,
+    /// Documents, spread evenly over the file.
+    #[arg(long, default_value_t = 8)]
+    pub docs: usize,
+}
+
+/// Which retrieval tasks run, and how many samples of each.
+#[derive(Args, Debug, Clone)]
+pub struct TaskArgs {
+    /// Tasks: single-noise, single-text, multi-key, multi-value, vt, kv.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "single-noise,single-text,multi-key,multi-value,vt,kv"
+    )]
+    pub tasks: Vec<String>,
+    /// Samples (contexts) per task and length; needle depths are spread over them.
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
+    /// Run the policies on every task, also where the full cache scores below 50%.
+    #[arg(long)]
+    pub all_tasks: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct NiahArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Keep ratios, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.3")]
+    pub keeps: Vec<f64>,
+    /// Context lengths in tokens, comma-separated (up to the model's context).
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
+    pub lengths: Vec<usize>,
+    #[command(flatten)]
+    pub tasks: TaskArgs,
+    /// Text that text haystacks are cut from (needed by single-text).
+    #[arg(long)]
+    pub haystack: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Keep ratios, comma-separated (1.0 is the full cache, always measured).
+    #[arg(long, value_delimiter = ',', default_value = "0.75,0.5,0.3,0.2,0.1")]
+    pub keeps: Vec<f64>,
+    /// Text for the continuation measurement, and the text haystack unless
+    /// --haystack is given (e.g. wikitext-2-raw/wiki.test.raw). Without it only the
+    /// tasks run.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Text that text haystacks are cut from [default: -f].
+    #[arg(long)]
+    pub haystack: Option<PathBuf>,
+    /// Context lengths of the tasks, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2048")]
+    pub lengths: Vec<usize>,
+    #[command(flatten)]
+    pub tasks: TaskArgs,
+    #[command(flatten)]
+    pub docs: DocArgs,
+    /// Directory for results.csv, results.md, results.json and the plots.
+    #[arg(long, default_value = "eval-out")]
+    pub out: PathBuf,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    match a.command {
+        EvalCommand::Kld(a) => {
+            let (l, variants) = setup(&a.common, &a.keeps)?;
+            let h = harness(&a.common, &l)?;
+            let mut results = Results::default();
+            let t0 = Instant::now();
+            kld(&h, &l, &a.file, &a.docs, &variants, &mut results)?;
+            finish(&a.common, &results.rows(), t0)
+        }
+        EvalCommand::Niah(a) => {
+            let (l, variants) = setup(&a.common, &a.keeps)?;
+            let h = harness(&a.common, &l)?;
+            let text = read_optional(a.haystack.as_deref())?;
+            let mut results = Results::default();
+            let t0 = Instant::now();
+            let spec = NiahSpec::new(&a.tasks, &a.lengths, text.as_deref(), a.common.seed)?;
+            niah(&h, &l, &spec, &variants, &mut results)?;
+            finish(&a.common, &results.rows(), t0)
+        }
+        EvalCommand::Sweep(a) => sweep(a),
+    }
+}
+
+fn sweep(a: SweepArgs) -> Result<()> {
+    let (l, variants) = setup(&a.common, &a.keeps)?;
+    let h = harness(&a.common, &l)?;
+    let haystack = read_optional(a.haystack.as_deref().or(a.file.as_deref()))?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let t0 = Instant::now();
+    let mut results = Results::default();
+    let spec = NiahSpec::new(&a.tasks, &a.lengths, haystack.as_deref(), a.common.seed)?;
+    niah(&h, &l, &spec, &variants, &mut results)?;
+    if let Some(f) = &a.file {
+        kld(&h, &l, f, &a.docs, &variants, &mut results)?;
+    }
+    let rows = results.rows();
+    let name = l
+        .path
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    let write = |file: &str, text: String| -> Result<()> {
+        let p = a.out.join(file);
+        std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
+    };
+    write("results.csv", report::csv(&rows))?;
+    write("results.json", serde_json::to_string_pretty(&rows)? + "\n")?;
+    let secs = t0.elapsed().as_secs_f64();
+    let header = format!(
+        "## {name}\n\nSchedule {}, seed {}, prompts {}, wall time {:.1} min.\n\n",
+        a.common.schedule,
+        a.common.seed,
+        if h.uses_chat_template() {
+            "in the model's chat template"
+        } else {
+            "as plain text (no chat template)"
+        },
+        secs / 60.0
+    );
+    write("results.md", header + &report::markdown(&rows))?;
+    let plots = report::plots(&rows, &a.out, &name)?;
+    println!("{}", report::markdown(&rows));
+    eprintln!(
+        "eval sweep: {:.1} min; wrote results.csv, results.json, results.md{} in {}",
+        secs / 60.0,
+        plots
+            .iter()
+            .map(|p| format!(
+                ", {}",
+                Path::new(p)
+                    .file_name()
+                    .map_or("".into(), |f| f.to_string_lossy())
+            ))
+            .collect::<String>(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Load the model and turn the policy and keep flags into variants.
+fn setup(c: &CommonArgs, keeps: &[f64]) -> Result<(Loaded, Vec<Variant>)> {
+    let mut policies = Vec::new();
+    for p in &c.policies {
+        let p: Policy = p.trim().parse()?;
+        if p != Policy::Full && !policies.contains(&p) {
+            policies.push(p);
+        }
+    }
+    for &k in keeps {
+        if !(k > 0.0 && k <= 1.0) {
+            bail!("keep ratios must lie in (0, 1], got {k}");
+        }
+    }
+    c.schedule.parse::<Schedule>()?;
+    if let Some(level) = &c.level {
+        level.parse::<Level>()?;
+    }
+    if !["md", "json", "csv"].contains(&c.output.as_str()) {
+        bail!(
+            "unknown output format '{}' (choose md, json or csv)",
+            c.output
+        );
+    }
+    let variants = policies
+        .iter()
+        .flat_map(|&policy| keeps.iter().map(move |&keep| Variant { policy, keep }))
+        .collect();
+    Ok((c.model.load()?, variants))
+}
+
+fn harness<'m>(c: &CommonArgs, l: &'m Loaded) -> Result<Harness<'m>> {
+    let template = l.template();
+    let mut h = Harness::new(&l.model, &l.tokenizer, &template, Some(&c.system))?;
+    h.schedule = c.schedule.parse()?;
+    h.level = c.level.as_deref().map(str::parse).transpose()?;
+    h.seed = c.seed;
+    Ok(h)
+}
+
+fn read_optional(path: Option<&Path>) -> Result<Option<String>> {
+    path.map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()
+}
+
+fn progress(n: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed} (ETA {eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// A line above the progress bar, or on stderr when the bar is hidden (not a
+/// terminal), so logs show progress too.
+fn note(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
+fn kld(
+    h: &Harness,
+    l: &Loaded,
+    file: &Path,
+    d: &DocArgs,
+    variants: &[Variant],
+    results: &mut Results,
+) -> Result<()> {
+    let (ctx, cont, docs) = (d.ctx, d.cont, d.docs);
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let tokens = l.tokenizer.encode(&text, false, false);
+    let len = ctx + cont + 1;
+    if ctx < 64 || cont == 0 || docs == 0 {
+        bail!("--ctx must be at least 64, --cont and --docs at least 1");
+    }
+    if ctx + cont + 2 > l.model.config.n_ctx_train {
+        bail!(
+            "--ctx + --cont = {} exceeds the model's context of {}",
+            ctx + cont,
+            l.model.config.n_ctx_train
+        );
+    }
+    let stride = tokens.len() / docs;
+    if stride < len {
+        bail!(
+            "{} has {} tokens: not enough for {docs} documents of {len} (use fewer --docs or a shorter --ctx)",
+            file.display(),
+            tokens.len()
+        );
+    }
+    for v in variants {
+        if let Err(e) = h.check(*v, 1, ctx) {
+            eprintln!("eval kld: skipping {v}: {e}");
+        }
+    }
+    let pb = progress(docs as u64, "kld docs");
+    for d in 0..docs {
+        let t = Instant::now();
+        let doc = &tokens[d * stride..d * stride + len];
+        let c = h.fidelity(doc, ctx, variants)?;
+        let worst = c
+            .iter()
+            .map(|c| c.tokens.iter().map(|t| t.kld).sum::<f64>() / c.tokens.len() as f64)
+            .fold(0.0, f64::max);
+        note(
+            &pb,
+            format!(
+                "kld doc {}/{docs}: {:.1} s, largest mean KLD {worst:.4}",
+                d + 1,
+                t.elapsed().as_secs_f64()
+            ),
+        );
+        results.add_continuations(ctx, c);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// Tokens of a task's length left for the template, the question and the answer.
+const RESERVE: usize = 160;
+
+struct NiahSpec<'a> {
+    tasks: Vec<TaskKind>,
+    lengths: &'a [usize],
+    samples: usize,
+    haystack: Option<&'a str>,
+    seed: u64,
+    /// Run the variants on uninformative tasks too.
+    all_tasks: bool,
+}
+
+impl<'a> NiahSpec<'a> {
+    fn new(
+        t: &TaskArgs,
+        lengths: &'a [usize],
+        haystack: Option<&'a str>,
+        seed: u64,
+    ) -> Result<Self> {
+        let tasks = t
+            .tasks
+            .iter()
+            .map(|n| Ok(n.trim().parse::<TaskKind>()?))
+            .collect::<Result<_>>()?;
+        if t.samples == 0 {
+            bail!("--samples must be at least 1");
+        }
+        Ok(Self {
+            tasks,
+            lengths,
+            samples: t.samples,
+            haystack,
+            seed,
+            all_tasks: t.all_tasks,
+        })
+    }
+}
+
+fn niah(
+    h: &Harness,
+    l: &Loaded,
+    spec: &NiahSpec,
+    variants: &[Variant],
+    results: &mut Results,
+) -> Result<()> {
+    let mut tasks = spec.tasks.clone();
+    if spec.haystack.is_none() && tasks.iter().any(|t| t.needs_text()) {
+        eprintln!(
+            "eval: skipping single-text: it needs a text haystack (--haystack FILE or -f FILE)"
+        );
+        tasks.retain(|t| !t.needs_text());
+    }
+    let n_ctx_train = l.model.config.n_ctx_train;
+    for &len in spec.lengths {
+        if len > n_ctx_train || len <= RESERVE {
+            bail!("length {len} must lie in ({RESERVE}, {n_ctx_train}] (the model's context)");
+        }
+        for v in variants {
+            if let Err(e) = h.check(*v, 0, len) {
+                eprintln!("eval niah: skipping {v} at length {len}: {e}");
+            }
+        }
+    }
+    let count = |s: &str| l.tokenizer.encode(s, false, false).len();
+    let mut generator = Generator::new(&count, spec.haystack, spec.seed);
+    let mut units = Vec::new();
+    for &len in spec.lengths {
+        for &task in &tasks {
+            units.push((task, len));
+        }
+    }
+    // First the full cache alone on every sample: cheap, and it tells which tasks
+    // the model can do at all. Where it cannot (below 50%), eviction can show no
+    // difference, so the variants run on informative tasks only (unless --all-tasks).
+    let full_only = if spec.all_tasks { variants } else { &[] };
+    run_samples(
+        h,
+        &mut generator,
+        &units,
+        spec.samples,
+        full_only,
+        results,
+        "full cache",
+    )?;
+    if spec.all_tasks || variants.is_empty() {
+        return Ok(());
+    }
+    let rows = results.rows();
+    let (useful, skipped): (Vec<_>, Vec<_>) = units
+        .iter()
+        .partition(|(t, len)| report::informative(&rows, t.name(), *len));
+    for (t, len) in skipped {
+        eprintln!(
+            "eval niah: {t} @ {len} is uninformative (full cache below 50%): no variants run"
+        );
+    }
+    let mut variant_results = Results::default();
+    run_samples(
+        h,
+        &mut generator,
+        &useful,
+        spec.samples,
+        variants,
+        &mut variant_results,
+        "variants",
+    )?;
+    // The full cache's answers are in already (the runs are deterministic).
+    variant_results.remove_variant(Variant::FULL);
+    results.merge(variant_results);
+    Ok(())
+}
+
+/// Every sample of every (task, length) of `units` under `variants` and the full cache.
+fn run_samples(
+    h: &Harness,
+    generator: &mut Generator,
+    units: &[(TaskKind, usize)],
+    samples: usize,
+    variants: &[Variant],
+    results: &mut Results,
+    what: &str,
+) -> Result<()> {
+    let pb = progress((units.len() * samples) as u64, what);
+    for &(task, len) in units {
+        for i in 0..samples {
+            let t = Instant::now();
+            let sample = generator.sample(task, len - RESERVE, i, samples)?;
+            let answers = h.answer(&sample, variants)?;
+            let full: Vec<&Answer> = answers
+                .iter()
+                .filter(|a| a.variant == Variant::FULL)
+                .collect();
+            note(
+                &pb,
+                format!(
+                    "{what}: {task} @ {len}, sample {}/{samples}: {:.1} s, full cache {:.2} (answer: {:?})",
+                    i + 1,
+                    t.elapsed().as_secs_f64(),
+                    full.iter().map(|a| a.score).sum::<f64>() / full.len().max(1) as f64,
+                    full.first().map_or("", |a| a.text.as_str())
+                ),
+            );
+            results.add_answers(task, len, answers);
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+fn finish(c: &CommonArgs, rows: &[Row], t0: Instant) -> Result<()> {
+    match c.output.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(rows)?),
+        "csv" => print!("{}", report::csv(rows)),
+        _ => println!("{}", report::markdown(rows)),
+    }
+    eprintln!("eval: {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}

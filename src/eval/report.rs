@@ -1,0 +1,567 @@
+//! Results of the eval harness gathered into rows (one per task, length and
+//! variant), written as CSV, markdown tables and PNG plots.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::fidelity::{summarize, Summary};
+use super::harness::{Answer, Continuation, Variant};
+use super::tasks::TaskKind;
+use crate::kv::Policy;
+
+/// A task is informative when the full cache scores at least this on it.
+pub const INFORMATIVE: f64 = 0.5;
+
+/// What one row measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Measure {
+    /// Fidelity of a teacher-forced continuation (`eval kld`).
+    Continuation,
+    /// Accuracy on a retrieval task.
+    Task(TaskKind),
+}
+
+impl Measure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Measure::Continuation => "kld",
+            Measure::Task(t) => t.name(),
+        }
+    }
+}
+
+/// Everything measured, as it comes in.
+#[derive(Debug, Default)]
+pub struct Results {
+    /// Per (task, context length): every question's result under every variant.
+    answers: BTreeMap<(TaskKind, usize), Vec<Answer>>,
+    /// Per context length: every document's continuation under every variant.
+    continuations: BTreeMap<usize, Vec<Continuation>>,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Row {
+    pub task: &'static str,
+    /// Context length in tokens.
+    pub length: usize,
+    pub policy: String,
+    pub keep: f64,
+    /// Questions (tasks) or documents (continuations) measured.
+    pub n: usize,
+    /// Mean answer score (tasks).
+    pub accuracy: Option<Summary>,
+    /// Fraction of the evidence's KV pairs kept (tasks).
+    pub evidence_kept: Option<Summary>,
+    /// KL(full || variant) per token: mean and CI over documents, percentiles over
+    /// all tokens (continuations).
+    pub kld: Option<Summary>,
+    /// Agreement of the top-1 token with the full cache (continuations).
+    pub top1: Option<Summary>,
+    /// Change in NLL per token of the actual text (continuations).
+    pub delta_nll: Option<Summary>,
+    /// KV bytes held after compression / with the full cache, mean.
+    pub kv_fraction: f64,
+}
+
+impl Results {
+    pub fn add_answers(&mut self, task: TaskKind, length: usize, a: Vec<Answer>) {
+        self.answers.entry((task, length)).or_default().extend(a);
+    }
+
+    /// Drop every result of `v`.
+    pub fn remove_variant(&mut self, v: Variant) {
+        self.answers
+            .values_mut()
+            .for_each(|a| a.retain(|a| a.variant != v));
+        self.continuations
+            .values_mut()
+            .for_each(|c| c.retain(|c| c.variant != v));
+    }
+
+    /// Add everything `other` holds.
+    pub fn merge(&mut self, other: Results) {
+        for (k, a) in other.answers {
+            self.answers.entry(k).or_default().extend(a);
+        }
+        for (k, c) in other.continuations {
+            self.continuations.entry(k).or_default().extend(c);
+        }
+    }
+
+    pub fn add_continuations(&mut self, length: usize, c: Vec<Continuation>) {
+        self.continuations.entry(length).or_default().extend(c);
+    }
+
+    /// One row per task, length and variant, the full cache first in each group.
+    pub fn rows(&self) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (&(task, length), answers) in &self.answers {
+            for v in variants_in(answers.iter().map(|a| a.variant)) {
+                let of_v: Vec<&Answer> = answers.iter().filter(|a| a.variant == v).collect();
+                let scores: Vec<f64> = of_v.iter().map(|a| a.score).collect();
+                rows.push(Row {
+                    task: task.name(),
+                    length,
+                    policy: v.policy.to_string(),
+                    keep: v.keep,
+                    n: scores.len(),
+                    accuracy: Some(summarize(&scores)),
+                    evidence_kept: Some(summarize(
+                        &of_v.iter().map(|a| a.evidence_kept).collect::<Vec<_>>(),
+                    )),
+                    kld: None,
+                    top1: None,
+                    delta_nll: None,
+                    kv_fraction: mean(of_v.iter().map(|a| kv_fraction(&a.compression))),
+                });
+            }
+        }
+        for (&length, conts) in &self.continuations {
+            for v in variants_in(conts.iter().map(|c| c.variant)) {
+                let of_v: Vec<&Continuation> = conts.iter().filter(|c| c.variant == v).collect();
+                let per_doc = |f: &dyn Fn(&super::fidelity::TokenFidelity) -> f64| -> Vec<f64> {
+                    of_v.iter().map(|c| mean(c.tokens.iter().map(f))).collect()
+                };
+                let mut kld = summarize(&per_doc(&|t| t.kld));
+                let pooled = summarize(
+                    &of_v
+                        .iter()
+                        .flat_map(|c| c.tokens.iter().map(|t| t.kld))
+                        .collect::<Vec<_>>(),
+                );
+                (kld.p50, kld.p90, kld.p99) = (pooled.p50, pooled.p90, pooled.p99);
+                rows.push(Row {
+                    task: Measure::Continuation.name(),
+                    length,
+                    policy: v.policy.to_string(),
+                    keep: v.keep,
+                    n: of_v.len(),
+                    accuracy: None,
+                    evidence_kept: None,
+                    kld: Some(kld),
+                    top1: Some(summarize(&per_doc(&|t| f64::from(u8::from(t.same_top1))))),
+                    delta_nll: Some(summarize(&per_doc(&|t| t.delta_nll))),
+                    kv_fraction: mean(of_v.iter().map(|c| kv_fraction(&c.compression))),
+                });
+            }
+        }
+        rows
+    }
+}
+
+/// The variants in order of first appearance.
+fn variants_in(it: impl Iterator<Item = Variant>) -> Vec<Variant> {
+    let mut out: Vec<Variant> = Vec::new();
+    for v in it {
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    out
+}
+
+fn mean(it: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = it.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+fn kv_fraction(r: &crate::session::CompressReport) -> f64 {
+    if r.kv_bytes_full == 0 {
+        1.0
+    } else {
+        r.kv_bytes as f64 / r.kv_bytes_full as f64
+    }
+}
+
+/// The rows as CSV, one line per row.
+pub fn csv(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "task,length,policy,keep,n,accuracy,accuracy_ci95,evidence_kept,kld_mean,kld_ci95,kld_p50,kld_p90,\
+         kld_p99,top1,top1_ci95,delta_nll,delta_nll_ci95,kv_fraction\n",
+    );
+    let opt = |s: &Option<Summary>| match s {
+        Some(s) => format!("{:.6},{:.6}", s.mean, s.ci95),
+        None => ",".to_string(),
+    };
+    for r in rows {
+        let pct = match &r.kld {
+            Some(s) => format!("{:.6},{:.6},{:.6}", s.p50, s.p90, s.p99),
+            None => ",,".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{:.4}",
+            r.task,
+            r.length,
+            r.policy,
+            r.keep,
+            r.n,
+            opt(&r.accuracy),
+            r.evidence_kept
+                .map_or(String::new(), |e| format!("{:.4}", e.mean)),
+            opt(&r.kld),
+            pct,
+            opt(&r.top1),
+            opt(&r.delta_nll),
+            r.kv_fraction
+        );
+    }
+    out
+}
+
+/// The full cache's rows of the tasks, and which tasks are informative.
+fn full_rows(rows: &[Row]) -> Vec<&Row> {
+    rows.iter()
+        .filter(|r| r.policy == Policy::Full.name() && r.accuracy.is_some())
+        .collect()
+}
+
+/// Whether the full cache scores at least [`INFORMATIVE`] on (task, length).
+pub fn informative(rows: &[Row], task: &str, length: usize) -> bool {
+    full_rows(rows).iter().any(|r| {
+        r.task == task && r.length == length && r.accuracy.is_some_and(|a| a.mean >= INFORMATIVE)
+    })
+}
+
+/// Markdown tables: the full cache's accuracy per task and length; then, policy
+/// by keep ratio, the accuracy over informative tasks, each informative task's
+/// accuracy, and the continuation's KLD, top-1 agreement and delta NLL.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let full = full_rows(rows);
+    if !full.is_empty() {
+        out.push_str("### Full cache accuracy\n\n| task | length | questions | accuracy | informative |\n|---|---|---|---|---|\n");
+        for r in &full {
+            let a = r.accuracy.expect("a task row");
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.2} ± {:.2} | {} |",
+                r.task,
+                r.length,
+                r.n,
+                a.mean,
+                a.ci95,
+                if a.mean >= INFORMATIVE { "yes" } else { "no" }
+            );
+        }
+        out.push('\n');
+    }
+    for (title, table) in tables(rows) {
+        let _ = writeln!(out, "### {title}\n");
+        out.push_str(&table.to_markdown());
+        out.push('\n');
+    }
+    out
+}
+
+/// A table cell: mean and 95% half-width, or nothing measured.
+type Cell = Option<(f64, f64)>;
+
+/// A policy-by-keep table of one metric.
+struct Table {
+    keeps: Vec<f64>,
+    /// Policy, then one cell per keep ratio.
+    lines: Vec<(String, Vec<Cell>)>,
+    /// Decimal places.
+    digits: usize,
+}
+
+impl Table {
+    fn to_markdown(&self) -> String {
+        let mut out = String::from("| policy |");
+        for k in &self.keeps {
+            let _ = write!(out, " keep {k} |");
+        }
+        out.push_str("\n|---|");
+        out.push_str(&"---|".repeat(self.keeps.len()));
+        out.push('\n');
+        let d = self.digits;
+        for (policy, cells) in &self.lines {
+            let _ = write!(out, "| {policy} |");
+            for c in cells {
+                match c {
+                    Some((m, ci)) => {
+                        let _ = write!(out, " {m:.d$} ± {ci:.d$} |");
+                    }
+                    None => out.push_str(" – |"),
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The policy-by-keep tables, with their titles. The full cache's figure is the
+/// keep 1.0 column of every policy (at keep 1.0 nothing is evicted).
+fn tables(rows: &[Row]) -> Vec<(String, Table)> {
+    let mut out = Vec::new();
+    let lengths: Vec<usize> = dedup(rows.iter().map(|r| r.length));
+    for &length in &lengths {
+        let at: Vec<&Row> = rows.iter().filter(|r| r.length == length).collect();
+        let tasks: Vec<&str> = dedup(at.iter().filter(|r| r.accuracy.is_some()).map(|r| r.task));
+        let useful: Vec<&str> = tasks
+            .iter()
+            .copied()
+            .filter(|t| informative(rows, t, length))
+            .collect();
+        if !useful.is_empty() {
+            // Pool the questions of informative tasks: the weighted mean of their rows.
+            let pooled = table(&at, 2, |rs| {
+                let rs: Vec<&&Row> = rs.iter().filter(|r| useful.contains(&r.task)).collect();
+                pool(rs.iter().filter_map(|r| r.accuracy.map(|a| (r.n, a))))
+            });
+            out.push((
+                format!(
+                    "Accuracy over informative tasks ({}), {length} tokens",
+                    useful.join(", ")
+                ),
+                pooled,
+            ));
+            for t in &useful {
+                let tbl = table(&at, 2, |rs| {
+                    rs.iter()
+                        .find(|r| r.task == *t)
+                        .and_then(|r| r.accuracy.map(|a| (a.mean, a.ci95)))
+                });
+                out.push((format!("Accuracy on {t}, {length} tokens"), tbl));
+            }
+            let kept = table(&at, 2, |rs| {
+                let rs: Vec<&&Row> = rs.iter().filter(|r| useful.contains(&r.task)).collect();
+                pool(rs.iter().filter_map(|r| r.evidence_kept.map(|e| (r.n, e))))
+            });
+            out.push((
+                format!(
+                    "Share of the evidence's KV pairs kept (informative tasks), {length} tokens"
+                ),
+                kept,
+            ));
+        }
+        let cont: Vec<&Row> = at.iter().copied().filter(|r| r.kld.is_some()).collect();
+        if !cont.is_empty() {
+            let metric = |f: fn(&Row) -> Option<Summary>| {
+                move |rs: &[&Row]| rs.first().and_then(|r| f(r).map(|s| (s.mean, s.ci95)))
+            };
+            out.push((
+                format!("Mean KLD (nats/token) vs the full cache, {length}-token contexts"),
+                table(&cont, 4, metric(|r| r.kld)),
+            ));
+            out.push((
+                format!("Top-1 agreement with the full cache, {length}-token contexts"),
+                table(&cont, 3, metric(|r| r.top1)),
+            ));
+            out.push((
+                format!("Delta NLL (nats/token) vs the full cache, {length}-token contexts"),
+                table(&cont, 4, metric(|r| r.delta_nll)),
+            ));
+        }
+    }
+    out
+}
+
+/// A table over `rows` (one length): `cell` gets the rows of one policy and keep.
+fn table(rows: &[&Row], digits: usize, cell: impl Fn(&[&Row]) -> Cell) -> Table {
+    let keeps = keep_columns(rows);
+    let full: Vec<&Row> = rows
+        .iter()
+        .copied()
+        .filter(|r| r.policy == Policy::Full.name())
+        .collect();
+    let mut lines = Vec::new();
+    for policy in dedup(rows.iter().map(|r| r.policy.as_str())) {
+        if policy == Policy::Full.name() {
+            continue;
+        }
+        let cells = keeps
+            .iter()
+            .map(|&k| {
+                if k == 1.0 {
+                    return cell(&full);
+                }
+                let rs: Vec<&Row> = rows
+                    .iter()
+                    .copied()
+                    .filter(|r| r.policy == policy && r.keep == k)
+                    .collect();
+                if rs.is_empty() {
+                    None
+                } else {
+                    cell(&rs)
+                }
+            })
+            .collect();
+        lines.push((policy.to_string(), cells));
+    }
+    Table {
+        keeps,
+        lines,
+        digits,
+    }
+}
+
+/// Keep ratios, descending, with 1.0 (the full cache) first.
+fn keep_columns(rows: &[&Row]) -> Vec<f64> {
+    let mut keeps: Vec<f64> = rows.iter().map(|r| r.keep).collect();
+    keeps.push(1.0);
+    keeps.sort_by(|a, b| b.total_cmp(a));
+    keeps.dedup();
+    keeps
+}
+
+/// Combine summaries of groups of sizes n into the pooled mean and its CI.
+fn pool(groups: impl Iterator<Item = (usize, Summary)>) -> Cell {
+    let (mut n, mut sum, mut var_sum) = (0usize, 0.0, 0.0);
+    for (k, s) in groups {
+        n += k;
+        sum += s.mean * k as f64;
+        // ci95 = 1.96 sqrt(var / k): the group's contribution to the pooled variance.
+        var_sum += (s.ci95 / 1.96).powi(2) * (k * k) as f64;
+    }
+    (n > 0).then(|| (sum / n as f64, 1.96 * var_sum.sqrt() / n as f64))
+}
+
+fn dedup<T: PartialEq>(it: impl Iterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for x in it {
+        if !out.contains(&x) {
+            out.push(x);
+        }
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw {path}: {message}")]
+pub struct PlotError {
+    path: String,
+    message: String,
+}
+
+/// Draw `accuracy.png` (over informative tasks), `kld.png` and `top1.png` into
+/// `dir`: the metric against the keep ratio, one line per policy, for the first
+/// context length that has the metric. Returns the files written.
+pub fn plots(rows: &[Row], dir: &Path, title: &str) -> Result<Vec<String>, PlotError> {
+    register_font();
+    let mut written = Vec::new();
+    for (title_of, tbl) in tables(rows) {
+        let (file, y_desc) = if title_of.starts_with("Accuracy over") {
+            ("accuracy.png", "accuracy")
+        } else if title_of.starts_with("Mean KLD") {
+            ("kld.png", "mean KLD (nats/token)")
+        } else if title_of.starts_with("Top-1") {
+            ("top1.png", "top-1 agreement")
+        } else {
+            continue;
+        };
+        let path = dir.join(file);
+        let path_s = path.display().to_string();
+        if written.contains(&path_s) {
+            continue;
+        }
+        draw(
+            &path,
+            &format!("{title}: {title_of}"),
+            y_desc,
+            &tbl,
+            file == "kld.png",
+        )
+        .map_err(|e| PlotError {
+            path: path_s.clone(),
+            message: e.to_string(),
+        })?;
+        written.push(path_s);
+    }
+    Ok(written)
+}
+
+/// Line colours that read well on white.
+const PALETTE: [RGBColor; 7] = [
+    RGBColor(0, 114, 178),
+    RGBColor(213, 94, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(86, 86, 86),
+    RGBColor(230, 159, 0),
+    RGBColor(86, 180, 233),
+];
+
+fn draw(
+    path: &Path,
+    caption: &str,
+    y_desc: &str,
+    tbl: &Table,
+    rises_left: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let y_max = tbl
+        .lines
+        .iter()
+        .flat_map(|(_, c)| c.iter().flatten().map(|(m, _)| *m))
+        .fold(0.0f64, f64::max)
+        .max(1e-6)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0f64..1.05, 0.0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("keep ratio")
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (i, (policy, cells)) in tbl.lines.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let points: Vec<(f64, f64)> = tbl
+            .keeps
+            .iter()
+            .zip(cells)
+            .filter_map(|(&k, c)| c.map(|(m, _)| (k, m)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(policy.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        // Out of the way of the lines, which meet at keep 1.0.
+        .position(if rises_left {
+            SeriesLabelPosition::UpperRight
+        } else {
+            SeriesLabelPosition::LowerRight
+        })
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Plots draw text with a font built into the binary, so they need no system fonts.
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The font is a valid TrueType file shipped by the crate; failure would only
+        // mean unlabeled plots, so it is not fatal.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            epaint_default_fonts::UBUNTU_LIGHT,
+        );
+    });
+}
