@@ -393,7 +393,8 @@ impl<'a> Generator<'a> {
             left -= size;
             pairs.push(pair);
         }
-        if pairs.len() < 4 {
+        // The asked pair and at least one other.
+        if pairs.len() < 2 {
             return Err(TaskError::TooShort(n_tokens, task));
         }
         let context = format!("{intro}{}}}", pairs.join(", "));
