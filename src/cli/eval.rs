@@ -220,17 +220,9 @@ fn sweep(a: SweepArgs) -> Result<()> {
     let plots = report::plots(&rows, &a.out, &name)?;
     println!("{}", report::markdown(&rows));
     eprintln!(
-        "eval sweep: {:.1} min; wrote results.csv, results.json, results.md{} in {}",
+        "eval sweep: {:.1} min; wrote results.csv, results.json, results.md, {} in {}",
         secs / 60.0,
-        plots
-            .iter()
-            .map(|p| format!(
-                ", {}",
-                Path::new(p)
-                    .file_name()
-                    .map_or("".into(), |f| f.to_string_lossy())
-            ))
-            .collect::<String>(),
+        plots.join(", "),
         a.out.display()
     );
     Ok(())

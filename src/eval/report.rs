@@ -14,23 +14,8 @@ use crate::kv::Policy;
 /// A task is informative when the full cache scores at least this on it.
 pub const INFORMATIVE: f64 = 0.5;
 
-/// What one row measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Measure {
-    /// Fidelity of a teacher-forced continuation (`eval kld`).
-    Continuation,
-    /// Accuracy on a retrieval task.
-    Task(TaskKind),
-}
-
-impl Measure {
-    pub fn name(self) -> &'static str {
-        match self {
-            Measure::Continuation => "kld",
-            Measure::Task(t) => t.name(),
-        }
-    }
-}
+/// The task name of continuation rows (`eval kld`).
+pub const CONTINUATION: &str = "kld";
 
 /// Everything measured, as it comes in.
 #[derive(Debug, Default)]
@@ -99,7 +84,7 @@ impl Results {
     pub fn rows(&self) -> Vec<Row> {
         let mut rows = Vec::new();
         for (&(task, length), answers) in &self.answers {
-            for v in variants_in(answers.iter().map(|a| a.variant)) {
+            for v in dedup(answers.iter().map(|a| a.variant)) {
                 let of_v: Vec<&Answer> = answers.iter().filter(|a| a.variant == v).collect();
                 let scores: Vec<f64> = of_v.iter().map(|a| a.score).collect();
                 rows.push(Row {
@@ -120,7 +105,7 @@ impl Results {
             }
         }
         for (&length, conts) in &self.continuations {
-            for v in variants_in(conts.iter().map(|c| c.variant)) {
+            for v in dedup(conts.iter().map(|c| c.variant)) {
                 let of_v: Vec<&Continuation> = conts.iter().filter(|c| c.variant == v).collect();
                 let per_doc = |f: &dyn Fn(&super::fidelity::TokenFidelity) -> f64| -> Vec<f64> {
                     of_v.iter().map(|c| mean(c.tokens.iter().map(f))).collect()
@@ -134,7 +119,7 @@ impl Results {
                 );
                 (kld.p50, kld.p90, kld.p99) = (pooled.p50, pooled.p90, pooled.p99);
                 rows.push(Row {
-                    task: Measure::Continuation.name(),
+                    task: CONTINUATION,
                     length,
                     policy: v.policy.to_string(),
                     keep: v.keep,
@@ -150,17 +135,6 @@ impl Results {
         }
         rows
     }
-}
-
-/// The variants in order of first appearance.
-fn variants_in(it: impl Iterator<Item = Variant>) -> Vec<Variant> {
-    let mut out: Vec<Variant> = Vec::new();
-    for v in it {
-        if !out.contains(&v) {
-            out.push(v);
-        }
-    }
-    out
 }
 
 fn mean(it: impl Iterator<Item = f64>) -> f64 {
@@ -427,6 +401,7 @@ fn pool(groups: impl Iterator<Item = (usize, Summary)>) -> Cell {
     (n > 0).then(|| (sum / n as f64, 1.96 * var_sum.sqrt() / n as f64))
 }
 
+/// The distinct items, in order of first appearance.
 fn dedup<T: PartialEq>(it: impl Iterator<Item = T>) -> Vec<T> {
     let mut out = Vec::new();
     for x in it {
@@ -446,8 +421,8 @@ pub struct PlotError {
 
 /// Draw `accuracy.png` (over informative tasks), `kld.png` and `top1.png` into
 /// `dir`: the metric against the keep ratio, one line per policy, for the first
-/// context length that has the metric. Returns the files written.
-pub fn plots(rows: &[Row], dir: &Path, title: &str) -> Result<Vec<String>, PlotError> {
+/// context length that has the metric. Returns the names of the files written.
+pub fn plots(rows: &[Row], dir: &Path, title: &str) -> Result<Vec<&'static str>, PlotError> {
     register_font();
     let mut written = Vec::new();
     for (title_of, tbl) in tables(rows) {
@@ -460,11 +435,10 @@ pub fn plots(rows: &[Row], dir: &Path, title: &str) -> Result<Vec<String>, PlotE
         } else {
             continue;
         };
-        let path = dir.join(file);
-        let path_s = path.display().to_string();
-        if written.contains(&path_s) {
+        if written.contains(&file) {
             continue;
         }
+        let path = dir.join(file);
         draw(
             &path,
             &format!("{title}: {title_of}"),
@@ -473,10 +447,10 @@ pub fn plots(rows: &[Row], dir: &Path, title: &str) -> Result<Vec<String>, PlotE
             file == "kld.png",
         )
         .map_err(|e| PlotError {
-            path: path_s.clone(),
+            path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        written.push(path_s);
+        written.push(file);
     }
     Ok(written)
 }
