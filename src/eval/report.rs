@@ -337,6 +337,8 @@ fn tables(rows: &[Row]) -> Vec<(String, Table)> {
             ));
         }
     }
+    // With the full cache alone there is nothing to compare.
+    out.retain(|(_, t)| !t.lines.is_empty());
     out
 }
 
@@ -538,4 +540,79 @@ fn register_font() {
             epaint_default_fonts::UBUNTU_LIGHT,
         );
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::CompressReport;
+
+    fn answers(policy: Policy, keep: f64, scores: &[f64]) -> Vec<Answer> {
+        scores
+            .iter()
+            .map(|&score| Answer {
+                variant: Variant { policy, keep },
+                query: 0,
+                score,
+                text: String::new(),
+                evidence_kept: keep,
+                compression: CompressReport::default(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_tables_and_informative_tasks() {
+        let mut r = Results::default();
+        r.add_answers(
+            TaskKind::SingleNoise,
+            512,
+            answers(Policy::Full, 1.0, &[1.0, 1.0]),
+        );
+        r.add_answers(
+            TaskKind::SingleNoise,
+            512,
+            answers(Policy::KvZip, 0.3, &[1.0, 0.0]),
+        );
+        r.add_answers(
+            TaskKind::KvRetrieval,
+            512,
+            answers(Policy::Full, 1.0, &[0.0, 1.0, 0.0]),
+        );
+        let rows = r.rows();
+        assert_eq!(rows.len(), 3);
+        assert!(informative(&rows, "single-noise", 512));
+        assert!(!informative(&rows, "kv", 512));
+        let kvzip = rows.iter().find(|r| r.policy == "kvzip").unwrap();
+        assert_eq!((kvzip.n, kvzip.accuracy.unwrap().mean), (2, 0.5));
+        let md = markdown(&rows);
+        assert!(md.contains("| kv | 512 | 3 | 0.33 ± 0.65 | no |"), "{md}");
+        // keep 1.0 is the full cache's figure; kv is uninformative, so not pooled.
+        assert!(md.contains("| kvzip | 1.00 ± 0.00 | 0.50 ± 0.98 |"), "{md}");
+        assert_eq!(csv(&rows).lines().count(), 4);
+    }
+
+    #[test]
+    fn the_full_cache_alone_gives_no_empty_tables() {
+        let mut r = Results::default();
+        r.add_answers(
+            TaskKind::SingleNoise,
+            512,
+            answers(Policy::Full, 1.0, &[1.0]),
+        );
+        let md = markdown(&r.rows());
+        assert!(md.contains("### Full cache accuracy"));
+        assert!(!md.contains("| policy |"), "{md}");
+    }
+
+    #[test]
+    fn pooled_interval_weights_groups_by_size() {
+        let a = summarize(&[1.0, 0.0]);
+        let b = summarize(&[1.0, 1.0, 1.0, 1.0]);
+        let (mean, ci) = pool([(2, a), (4, b)].into_iter()).unwrap();
+        assert!((mean - 5.0 / 6.0).abs() < 1e-12);
+        // Only the first group varies: its variance of the mean, scaled to the pool.
+        let want = 1.96 * ((a.ci95 / 1.96).powi(2) * 4.0).sqrt() / 6.0;
+        assert!((ci - want).abs() < 1e-12);
+    }
 }
