@@ -4,10 +4,15 @@
 
 /// log softmax of a row of logits, in f64.
 pub fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let log_z = log_sum_exp(row);
+    row.iter().map(|&v| v as f64 - log_z).collect()
+}
+
+/// ln(sum(exp(row))), in f64, computed stably from the row's maximum.
+pub fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-    let log_z = max + sum.ln();
-    row.iter().map(|&v| v as f64 - log_z).collect()
+    max + sum.ln()
 }
 
 /// One position compared with the full cache.

@@ -362,17 +362,28 @@ impl<'m> Harness<'m> {
                     .collect()
             })
             .collect();
-        let mut out = Vec::new();
-        self.for_each_variant(&self.format.head, &context, variants, |v, s, report| {
-            for (i, (q, tokens)) in sample.queries.iter().zip(&queries).enumerate() {
-                let evidence_kept = kept_fraction(&s, &spans[i]);
-                let mut s = s.clone();
-                let expected: usize = q
+        // Per question: the answers to look for, and how many tokens to decode at most.
+        let expected: Vec<(Vec<String>, usize)> = sample
+            .queries
+            .iter()
+            .map(|q| {
+                let n: usize = q
                     .answers
                     .iter()
                     .map(|a| self.tokenizer.encode(a, false, false).len() + 1)
                     .sum();
-                let answers: Vec<String> = q.answers.iter().map(|a| a.to_lowercase()).collect();
+                (
+                    q.answers.iter().map(|a| a.to_lowercase()).collect(),
+                    2 * n + 8,
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        self.for_each_variant(&self.format.head, &context, variants, |v, s, report| {
+            for (i, tokens) in queries.iter().enumerate() {
+                let evidence_kept = kept_fraction(&s, &spans[i]);
+                let mut s = s.clone();
+                let (answers, max) = &expected[i];
                 let found = |text: &str| {
                     let lower = text.to_lowercase();
                     answers
@@ -380,14 +391,12 @@ impl<'m> Harness<'m> {
                         .filter(|a| lower.contains(a.as_str()))
                         .count()
                 };
-                let text = self.greedy(&mut s, tokens, 2 * expected + 8, |t| {
-                    found(t) == answers.len()
-                })?;
+                let text = self.greedy(&mut s, tokens, *max, |t| found(t) == answers.len())?;
                 let found = found(&text);
                 out.push(Answer {
                     variant: v,
                     query: i,
-                    score: found as f64 / q.answers.len() as f64,
+                    score: found as f64 / answers.len() as f64,
                     text,
                     evidence_kept,
                     compression: report.clone(),

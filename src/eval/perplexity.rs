@@ -85,9 +85,7 @@ pub fn perplexity(
 
 /// log softmax(row)[i], in f64.
 pub fn log_softmax_at(row: &[f32], i: usize) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-    row[i] as f64 - max - sum.ln()
+    row[i] as f64 - super::fidelity::log_sum_exp(row)
 }
 
 #[cfg(test)]

@@ -366,8 +366,8 @@ impl Session<'_> {
         let n_chunks = split.div_ceil(self.prefill_chunk);
         for (i, chunk) in context[..split].chunks(self.prefill_chunk).enumerate() {
             let a = i * self.prefill_chunk;
-            let want = if i + 1 == n_chunks && split == n {
-                Logits::Last
+            let want = if split == n {
+                last_logits(i, n_chunks)
             } else {
                 Logits::None
             };

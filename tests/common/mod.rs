@@ -44,12 +44,7 @@ pub fn wiki_text() -> Option<String> {
     Some(std::fs::read_to_string(p).expect("wiki.test.raw is readable UTF-8"))
 }
 
-/// log-softmax of a row of logits, in f64.
-pub fn log_softmax(x: &[f32]) -> Vec<f64> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-    x.iter().map(|&v| v as f64 - lse).collect()
-}
+pub use fastkv::eval::fidelity::log_softmax;
 
 /// KL(p || q) in nats between the softmax distributions of two logit rows.
 pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
