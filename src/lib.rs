@@ -3,9 +3,10 @@
 //! Rooms (one concern each): [`gguf`] reads files, [`kernels`] does the math,
 //! [`model`] runs the decoder, [`kv`] holds the cache, [`tokenizer`] turns text
 //! into ids and back, [`sampling`] picks tokens, [`session`] drives prefill and
-//! decode. Front ends (CLI) sit on top in `main.rs` and [`cli`].
+//! decode, [`gate`] holds the Fast KVzip gates (scoring and training). Front ends (CLI) sit on top in `main.rs` and [`cli`].
 pub mod cli;
 pub mod eval;
+pub mod gate;
 pub mod gguf;
 pub mod kernels;
 pub mod kv;

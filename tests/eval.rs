@@ -1,5 +1,5 @@
-//! The quality harness on the real SmolLM2: at keep 1.0 every policy scores exactly
-//! the full cache's numbers, one-shot compression equals the runtime's schedule
+//! The quality harness on the real SmolLM2: at keep 1.0 every policy (the gated one
+//! too, with the shipped gates) scores exactly the full cache's numbers, one-shot compression equals the runtime's schedule
 //! when the context is one prefill chunk, and `fastkv eval` writes its reports.
 mod common;
 
@@ -52,6 +52,13 @@ fn at_keep_one_every_policy_scores_exactly_the_full_cache() {
         .iter()
         .map(|&policy| Variant { policy, keep: 1.0 })
         .collect();
+    h.gates = shipped_gates(SMOLLM2, &model);
+    if h.gates.is_some() {
+        variants.push(Variant {
+            policy: Policy::Gated,
+            keep: 1.0,
+        });
+    }
     // A variant that does evict, so that the comparison can fail.
     let evicting = Variant {
         policy: Policy::Streaming,
@@ -106,12 +113,17 @@ fn oneshot_equals_the_runtime_schedule_for_one_chunk() {
     let ids = tok.encode(&s.context, false, false);
     let (prefix, context, cont) = (tok.encode("", true, false), &ids[..280], &ids[280..296]);
     let teacher = TeacherPrompt::new(&tok, &template).unwrap();
+    let gates = shipped_gates(SMOLLM2, &model);
     let session = || {
         let mut s = Session::new(&model, 2048);
         s.set_teacher_prompt(teacher.clone());
+        if let Some(g) = &gates {
+            s.set_gates(g.clone());
+        }
         s
     };
-    for policy in POLICIES {
+    let gated = gates.as_ref().map(|_| Policy::Gated);
+    for policy in POLICIES.into_iter().chain(gated) {
         let cfg = EvictionConfig::new(policy, 0.3);
         let mut chunked = session();
         chunked.set_eviction(cfg.clone()).unwrap();

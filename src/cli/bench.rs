@@ -465,6 +465,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "fastkv KV eviction: {}, keep {}, level {} (the depth fill is compressed before each test)",
             kv.policy, kv.keep, kv.level
         );
+    } else if kv.policy == Policy::Gated {
+        eprintln!("fastkv gates score every token; nothing is evicted at keep 1.0");
     }
     let bandwidth = memory_bandwidth_gbs();
 
@@ -531,7 +533,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         memory_bandwidth_gbs: bandwidth,
         compare: reference.is_some().then_some("llama.cpp"),
         llama_cpp_flash_attn: reference.is_some().then_some(LLAMA_FLASH_ATTN),
-        kv_policy: if kv.is_active() {
+        kv_policy: if kv.is_active() || kv.policy == Policy::Gated {
             kv.policy
         } else {
             Policy::Full

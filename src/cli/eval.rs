@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{Loaded, ModelArgs};
+use super::{load_gates, note, progress, Loaded, ModelArgs};
 use crate::eval::harness::Answer;
 use crate::eval::report::{self, Results, Row};
 use crate::eval::tasks::{Generator, TaskKind};
 use crate::eval::{Harness, Schedule, Variant};
+use crate::gate::find_gates;
 use crate::kv::{Level, Policy};
 
 #[derive(Args, Debug)]
@@ -40,13 +40,15 @@ pub enum EvalCommand {
 pub struct CommonArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Eviction policies to compare with the full cache, comma-separated.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "streaming,h2o,snapkv,kvzip,random"
-    )]
-    pub policies: Vec<String>,
+    /// Eviction policies to compare with the full cache, comma-separated
+    /// [default: streaming,h2o,snapkv,kvzip,gated,random; gated only when gates for
+    /// the model are found].
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Option<Vec<String>>,
+    /// Fast KVzip gate file for the gated policy [default: the *.gates.gguf trained
+    /// for the model in its directory or models/].
+    #[arg(long = "gates")]
+    pub gates: Option<PathBuf>,
     /// When to compress: oneshot (prefill the whole context, then evict once, as the
     /// method papers measure; one prefill serves every variant) or chunked (the
     /// runtime's chunked prefill, one prefill per variant).
@@ -154,13 +156,17 @@ pub struct SweepArgs {
     /// Directory for results.csv, results.md, results.json and the plots.
     #[arg(long, default_value = "eval-out")]
     pub out: PathBuf,
+    /// A previous sweep's results.csv to add this run's rows to (rows measured again
+    /// replace the earlier ones), e.g. to add a policy to a published sweep.
+    #[arg(long)]
+    pub merge: Option<PathBuf>,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     match a.command {
         EvalCommand::Kld(a) => {
             let (l, variants) = setup(&a.common, &a.keeps)?;
-            let h = harness(&a.common, &l)?;
+            let h = harness(&a.common, &l, &variants)?;
             let mut results = Results::default();
             let t0 = Instant::now();
             kld(&h, &l, &a.file, &a.docs, &variants, &mut results)?;
@@ -168,7 +174,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
         EvalCommand::Niah(a) => {
             let (l, variants) = setup(&a.common, &a.keeps)?;
-            let h = harness(&a.common, &l)?;
+            let h = harness(&a.common, &l, &variants)?;
             let text = read_optional(a.haystack.as_deref())?;
             let mut results = Results::default();
             let t0 = Instant::now();
@@ -182,7 +188,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 
 fn sweep(a: SweepArgs) -> Result<()> {
     let (l, variants) = setup(&a.common, &a.keeps)?;
-    let h = harness(&a.common, &l)?;
+    let h = harness(&a.common, &l, &variants)?;
     let haystack = read_optional(a.haystack.as_deref().or(a.file.as_deref()))?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
@@ -193,7 +199,14 @@ fn sweep(a: SweepArgs) -> Result<()> {
     if let Some(f) = &a.file {
         kld(&h, &l, f, &a.docs, &variants, &mut results)?;
     }
-    let rows = results.rows();
+    let mut rows = results.rows();
+    if let Some(prev) = &a.merge {
+        let text = std::fs::read_to_string(prev)
+            .with_context(|| format!("cannot read {}", prev.display()))?;
+        let earlier = report::rows_from_csv(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a sweep's results.csv: {e}", prev.display()))?;
+        rows = report::merge(earlier, rows);
+    }
     let name = l
         .path
         .file_name()
@@ -228,15 +241,8 @@ fn sweep(a: SweepArgs) -> Result<()> {
     Ok(())
 }
 
-/// Load the model and turn the policy and keep flags into variants.
+/// Check the flags, load the model and turn the policy and keep flags into variants.
 fn setup(c: &CommonArgs, keeps: &[f64]) -> Result<(Loaded, Vec<Variant>)> {
-    let mut policies = Vec::new();
-    for p in &c.policies {
-        let p: Policy = p.trim().parse()?;
-        if p != Policy::Full && !policies.contains(&p) {
-            policies.push(p);
-        }
-    }
     for &k in keeps {
         if !(k > 0.0 && k <= 1.0) {
             bail!("keep ratios must lie in (0, 1], got {k}");
@@ -252,46 +258,69 @@ fn setup(c: &CommonArgs, keeps: &[f64]) -> Result<(Loaded, Vec<Variant>)> {
             c.output
         );
     }
+    let named = match &c.policies {
+        Some(names) => Some(parse_policies(names)?),
+        None => None,
+    };
+    let l = c.model.load()?;
+    let policies = match named {
+        Some(p) => p,
+        None => {
+            let mut p = vec![
+                Policy::Streaming,
+                Policy::H2o,
+                Policy::SnapKv,
+                Policy::KvZip,
+                Policy::Gated,
+                Policy::Random,
+            ];
+            if c.gates.is_none() && find_gates(&l.model, &l.path).is_err() {
+                eprintln!(
+                    "note: no gates for {} found; the gated policy is left out (see --gates)",
+                    l.path.display()
+                );
+                p.retain(|&x| x != Policy::Gated);
+            }
+            p
+        }
+    };
     let variants = policies
         .iter()
         .flat_map(|&policy| keeps.iter().map(move |&keep| Variant { policy, keep }))
         .collect();
-    Ok((c.model.load()?, variants))
+    Ok((l, variants))
 }
 
-fn harness<'m>(c: &CommonArgs, l: &'m Loaded) -> Result<Harness<'m>> {
+/// `--policies`, without the full cache (always measured) and without repeats.
+fn parse_policies(names: &[String]) -> Result<Vec<Policy>> {
+    let mut policies = Vec::new();
+    for p in names {
+        let p: Policy = p.trim().parse()?;
+        if p != Policy::Full && !policies.contains(&p) {
+            policies.push(p);
+        }
+    }
+    Ok(policies)
+}
+
+fn harness<'m>(c: &CommonArgs, l: &'m Loaded, variants: &[Variant]) -> Result<Harness<'m>> {
     let template = l.template();
     let mut h = Harness::new(&l.model, &l.tokenizer, &template, Some(&c.system))?;
     h.schedule = c.schedule.parse()?;
     h.level = c.level.as_deref().map(str::parse).transpose()?;
     h.seed = c.seed;
+    let wants_gates = variants.iter().any(|v| v.policy == Policy::Gated);
+    if wants_gates {
+        h.gates = Some(load_gates(c.gates.as_deref(), l)?);
+    } else if c.gates.is_some() {
+        bail!("--gates is for the gated policy (--policies ...,gated)");
+    }
     Ok(h)
 }
 
 fn read_optional(path: Option<&Path>) -> Result<Option<String>> {
     path.map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
         .transpose()
-}
-
-fn progress(n: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(n);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed} (ETA {eta})")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
-
-/// A line above the progress bar, or on stderr when the bar is hidden (not a
-/// terminal), so logs show progress too.
-fn note(pb: &ProgressBar, line: String) {
-    if pb.is_hidden() {
-        eprintln!("{line}");
-    } else {
-        pb.println(line);
-    }
 }
 
 fn kld(

@@ -5,13 +5,17 @@ mod eval;
 mod inspect;
 mod perplexity;
 mod run;
+mod train_gates;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::gate::{find_gates, Gates};
 use crate::kv::{EvictMode, Level, Policy};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplerParams};
@@ -47,6 +51,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Quality of KV eviction against the full cache: `kld`, `niah`, `sweep`.
     Eval(eval::EvalArgs),
+    /// Train Fast KVzip gates for a model on a text corpus (forward passes only).
+    TrainGates(train_gates::TrainGatesArgs),
 }
 
 /// Flags shared by every command that runs a model.
@@ -66,10 +72,14 @@ pub struct ModelArgs {
 /// KV eviction flags, shared by the commands that run a model.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KvArgs {
-    /// KV eviction policy: full, streaming, h2o, snapkv, kvzip, random
+    /// KV eviction policy: full, streaming, h2o, snapkv, kvzip, gated, random
     /// [default: snapkv when --kv-keep or --kv-budget is given, else full].
     #[arg(long = "kv-policy")]
     pub policy: Option<String>,
+    /// Fast KVzip gate file for --kv-policy gated [default: the *.gates.gguf trained
+    /// for this model in the model's directory or models/].
+    #[arg(long = "gates")]
+    pub gates: Option<PathBuf>,
     /// Fraction of a context's KV pairs to keep, 0 < r <= 1
     /// [default: 0.3 with a policy other than full, else 1].
     #[arg(long = "kv-keep")]
@@ -138,6 +148,11 @@ impl KvArgs {
         chat: Option<&ChatTemplate>,
     ) -> Result<()> {
         let cfg = self.config(seed)?;
+        if cfg.policy == Policy::Gated {
+            session.set_gates(load_gates(self.gates.as_deref(), l)?);
+        } else if self.gates.is_some() {
+            bail!("--gates is for --kv-policy gated");
+        }
         if cfg.policy == Policy::KvZip {
             session.set_teacher_prompt(match chat {
                 Some(t) => TeacherPrompt::new(&l.tokenizer, t)?,
@@ -147,6 +162,39 @@ impl KvArgs {
         session.set_eviction(cfg)?;
         session.set_prefill_chunk(self.prefill_chunk);
         Ok(())
+    }
+}
+
+/// The gates named by `--gates`, or those trained for this model found beside it.
+pub fn load_gates(path: Option<&Path>, l: &Loaded) -> Result<Arc<Gates>> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => find_gates(&l.model, &l.path)?,
+    };
+    let gates = Gates::load(&path, &l.model)
+        .with_context(|| format!("cannot use the gates in {}", path.display()))?;
+    Ok(Arc::new(gates))
+}
+
+/// A progress bar with an ETA, for long work.
+pub fn progress(n: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed} (ETA {eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// A line above the progress bar, or on stderr when the bar is hidden (not a
+/// terminal), so logs show progress too.
+pub fn note(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
     }
 }
 
@@ -245,6 +293,7 @@ pub fn main() -> Result<()> {
         Command::Inspect(a) => inspect::inspect(a),
         Command::Bench(a) => bench::bench(a),
         Command::Eval(a) => eval::eval(a),
+        Command::TrainGates(a) => train_gates::train_gates(a),
     }
 }
 

@@ -99,7 +99,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         let (_, report) = session.feed_context(&prefix, &context)?;
         print_compression(&report, session.eviction());
         if let Some(save) = &a.save_context {
-            save_context(&session, save)?;
+            save_context(&mut session, save)?;
         }
         compression = Some(report);
     }
@@ -144,7 +144,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     stats.print();
     stats.compression = compression;
     if let (Some(save), None) = (&a.save_context, &a.context_file) {
-        save_context(&session, save)?;
+        save_context(&mut session, save)?;
     }
     if let Some(path) = &a.stats_json {
         let json = serde_json::to_string_pretty(&stats)?;
@@ -154,7 +154,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn save_context(session: &Session, path: &std::path::Path) -> Result<()> {
+fn save_context(session: &mut Session, path: &std::path::Path) -> Result<()> {
     session
         .save_context(path)
         .with_context(|| format!("cannot save the context to {}", path.display()))?;

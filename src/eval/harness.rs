@@ -6,11 +6,13 @@
 //! is seen before it is compressed.
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use super::fidelity::{compare, log_softmax, TokenFidelity};
 use super::tasks::{Sample, TaskError};
+use crate::gate::Gates;
 use crate::kernels::argmax;
 use crate::kv::{Level, Policy};
 use crate::model::{Model, ModelError};
@@ -135,6 +137,11 @@ impl PromptFormat {
         }
     }
 
+    /// The tokens before the context.
+    pub fn head(&self) -> &[u32] {
+        &self.head
+    }
+
     /// The text that follows the context: the question, the end of the user turn,
     /// the answer prefix.
     pub fn question(&self, question: &str, answer_prefix: &str) -> String {
@@ -178,6 +185,8 @@ pub struct Harness<'m> {
     pub seed: u64,
     /// Context size of the sessions.
     pub n_ctx: usize,
+    /// Fast KVzip gates, for the gated policy.
+    pub gates: Option<Arc<Gates>>,
 }
 
 impl<'m> Harness<'m> {
@@ -196,6 +205,7 @@ impl<'m> Harness<'m> {
             level: None,
             seed: 0,
             n_ctx: model.config.n_ctx_train,
+            gates: None,
         })
     }
 
@@ -210,6 +220,9 @@ impl<'m> Harness<'m> {
         if variant.policy == Policy::KvZip && variant.keep < 1.0 {
             self.session()?.check_teacher_fits(n_prefix + n, n)?;
         }
+        if variant.policy == Policy::Gated && self.gates.is_none() {
+            return Err(SessionError::NoGates.into());
+        }
         Ok(())
     }
 
@@ -218,6 +231,9 @@ impl<'m> Harness<'m> {
     fn session(&self) -> Result<Session<'m>, EvalError> {
         let mut s = Session::new(self.model, self.n_ctx);
         s.set_teacher_prompt(self.teacher.clone());
+        if let Some(g) = &self.gates {
+            s.set_gates(g.clone());
+        }
         s.set_eviction(self.config(Variant::FULL))?;
         Ok(s)
     }

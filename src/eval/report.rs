@@ -51,6 +51,74 @@ pub struct Row {
     pub kv_fraction: f64,
 }
 
+/// Rows read back from a sweep's `results.csv` (by column name, so files written
+/// before a column was added still read). Percentiles other than KLD's, which the CSV
+/// does not hold, come back as 0.
+pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().ok_or("empty CSV")?.split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let cells: Vec<&str> = line.split(',').collect();
+        let bad = |what: &str| format!("line {}: bad or missing {what}", i + 2);
+        let cell = |name: &str| col(name).and_then(|c| cells.get(c)).copied().unwrap_or("");
+        let num = |name: &str| -> Result<Option<f64>, String> {
+            match cell(name) {
+                "" => Ok(None),
+                v => v.parse().map(Some).map_err(|_| bad(name)),
+            }
+        };
+        let n: usize = cell("n").parse().map_err(|_| bad("n"))?;
+        let summary = |mean: &str, ci: &str| -> Result<Option<Summary>, String> {
+            Ok(num(mean)?.map(|m| Summary {
+                n,
+                mean: m,
+                ci95: num(ci).ok().flatten().unwrap_or(0.0),
+                ..Summary::default()
+            }))
+        };
+        let mut kld = summary("kld_mean", "kld_ci95")?;
+        if let Some(k) = kld.as_mut() {
+            k.p50 = num("kld_p50")?.unwrap_or(0.0);
+            k.p90 = num("kld_p90")?.unwrap_or(0.0);
+            k.p99 = num("kld_p99")?.unwrap_or(0.0);
+        }
+        let task = cell("task");
+        rows.push(Row {
+            task: TaskKind::ALL
+                .iter()
+                .map(|t| t.name())
+                .chain([CONTINUATION])
+                .find(|t| *t == task)
+                .ok_or_else(|| bad("task"))?,
+            length: cell("length").parse().map_err(|_| bad("length"))?,
+            policy: cell("policy").to_string(),
+            keep: num("keep")?.ok_or_else(|| bad("keep"))?,
+            n,
+            accuracy: summary("accuracy", "accuracy_ci95")?,
+            evidence_kept: summary("evidence_kept", "")?,
+            kld,
+            top1: summary("top1", "top1_ci95")?,
+            delta_nll: summary("delta_nll", "delta_nll_ci95")?,
+            kv_fraction: num("kv_fraction")?.unwrap_or(0.0),
+        });
+    }
+    Ok(rows)
+}
+
+/// `earlier` rows (read from a previous sweep's `results.csv`) with `newer` ones
+/// added: a row measured again (same task, length, policy and keep) is replaced.
+pub fn merge(earlier: Vec<Row>, newer: Vec<Row>) -> Vec<Row> {
+    let key = |r: &Row| (r.task, r.length, r.policy.clone(), r.keep.to_bits());
+    let mut out: Vec<Row> = earlier
+        .into_iter()
+        .filter(|r| !newer.iter().any(|n| key(n) == key(r)))
+        .collect();
+    out.extend(newer);
+    out
+}
+
 impl Results {
     pub fn add_answers(&mut self, task: TaskKind, length: usize, a: Vec<Answer>) {
         self.answers.entry((task, length)).or_default().extend(a);
@@ -590,6 +658,27 @@ mod tests {
         // keep 1.0 is the full cache's figure; kv is uninformative, so not pooled.
         assert!(md.contains("| kvzip | 1.00 ± 0.00 | 0.50 ± 0.98 |"), "{md}");
         assert_eq!(csv(&rows).lines().count(), 4);
+
+        // The CSV reads back into the same tables, and a merge replaces re-measured rows.
+        let back = rows_from_csv(&csv(&rows)).unwrap();
+        assert_eq!(markdown(&back), md);
+        let mut again = Results::default();
+        again.add_answers(
+            TaskKind::SingleNoise,
+            512,
+            answers(Policy::KvZip, 0.3, &[1.0, 1.0]),
+        );
+        again.add_answers(
+            TaskKind::SingleNoise,
+            512,
+            answers(Policy::Gated, 0.3, &[0.0, 1.0]),
+        );
+        let merged = merge(back, again.rows());
+        assert_eq!(merged.len(), 4);
+        let kvzip: Vec<&Row> = merged.iter().filter(|r| r.policy == "kvzip").collect();
+        assert_eq!(kvzip.len(), 1);
+        assert_eq!(kvzip[0].accuracy.unwrap().mean, 1.0);
+        assert!(rows_from_csv("task,n\nsingle-noise,x\n").is_err());
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! K-quants) with ggml's `from_float`, then every output element is one call of
 //! ggml's `vec_dot`. Each output element is computed by exactly one call, so results
 //! do not depend on the number of threads.
+mod gemm;
 mod ops;
 mod types;
 
+pub use gemm::{gemm, Mat};
 pub use ops::*;
 pub use types::GgmlType;
 

@@ -20,7 +20,7 @@ pub const SINK_TOKENS: usize = 4;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error(
-        "unknown KV policy '{0}' (choose one of: full, streaming, h2o, snapkv, kvzip, random)"
+        "unknown KV policy '{0}' (choose one of: full, streaming, h2o, snapkv, kvzip, gated, random)"
     )]
     UnknownPolicy(String),
     #[error("unknown KV selection level '{0}' (choose one of: global, layer, head)")]
@@ -41,17 +41,21 @@ pub enum Policy {
     SnapKv,
     /// KVzip: the most attention received while the model repeats the context.
     KvZip,
+    /// Fast KVzip: learned gates predict KVzip's score from each layer's attention
+    /// input as the token arrives (see [`crate::gate`]).
+    Gated,
     /// Uniformly random scores: the floor any policy must beat.
     Random,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 6] = [
+    pub const ALL: [Policy; 7] = [
         Policy::Full,
         Policy::Streaming,
         Policy::H2o,
         Policy::SnapKv,
         Policy::KvZip,
+        Policy::Gated,
         Policy::Random,
     ];
 
@@ -62,6 +66,7 @@ impl Policy {
             Policy::H2o => "h2o",
             Policy::SnapKv => "snapkv",
             Policy::KvZip => "kvzip",
+            Policy::Gated => "gated",
             Policy::Random => "random",
         }
     }
@@ -98,7 +103,8 @@ impl Policy {
     }
 
     /// The score a new entry starts with: its position for streaming (recent first),
-    /// a seeded random number for random, 0 for policies that observe attention.
+    /// a seeded random number for random, 0 for policies that observe attention and
+    /// for the gates (which score a batch of tokens at a time).
     pub fn arrival_score(self, seed: u64, layer: usize, head: usize, pos: u32) -> f32 {
         match self {
             Policy::Streaming => pos as f32,

@@ -73,6 +73,10 @@ struct Layer {
     post_ffn_norm: Option<Vec<f32>>,
 }
 
+/// Receives each layer's attention input during a forward call: (layer index, n rows
+/// of n_embd values, the `attn_norm` output).
+pub type AttnInputTap<'a> = &'a mut dyn FnMut(usize, &[f32]);
+
 /// Which positions of a batch need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -240,12 +244,15 @@ impl Model {
         logits: Logits,
         n_ctx: usize,
     ) -> Result<Vec<f32>, ModelError> {
-        self.forward_observed(tokens, cache, logits, n_ctx, None)
+        self.forward_observed(tokens, cache, logits, n_ctx, None, None)
     }
 
     /// [`Model::forward`], and with a `probe`, also score the entries of every
-    /// evictable layer by the attention they receive (see [`kv::observe`]). The probe
-    /// changes no output: eviction policies use it, the model does not.
+    /// evictable layer by the attention they receive (see [`kv::observe`]); with
+    /// `attn_input`, also hand every layer's attention input (the `attn_norm` output,
+    /// `n` rows of `n_embd`) to that function, with the layer index: the Fast KVzip
+    /// gates read it. Neither changes any output: eviction uses them, the model does
+    /// not.
     pub fn forward_observed(
         &self,
         tokens: &[u32],
@@ -253,6 +260,7 @@ impl Model {
         logits: Logits,
         n_ctx: usize,
         probe: Option<&Probe>,
+        mut attn_input: Option<AttnInputTap<'_>>,
     ) -> Result<Vec<f32>, ModelError> {
         let c = &self.config;
         let n = tokens.len();
@@ -295,6 +303,9 @@ impl Model {
         for (il, l) in self.layers.iter().enumerate() {
             // Attention block.
             norm_rows(&x, &l.attn_norm, c.rms_eps, &mut xn, d);
+            if let Some(f) = attn_input.as_mut() {
+                f(il, &xn);
+            }
             let mut acts = Activations::new(&xn, n, d);
             matmul(&self.mat(&l.wq), &mut acts, &mut q);
             matmul(&self.mat(&l.wk), &mut acts, &mut k);

@@ -47,6 +47,11 @@ pub enum SessionError {
     #[error("the kvzip policy needs its repeat prompt (TeacherPrompt) to be set")]
     NoTeacherPrompt,
     #[error(
+        "the gated policy needs Fast KVzip gates for this model: pass --gates FILE, or train \
+         them with `fastkv train-gates`"
+    )]
+    NoGates,
+    #[error(
         "the kvzip teacher needs {needed} positions but the model knows {n_ctx_train}: use a shorter context"
     )]
     TeacherTooLong { needed: usize, n_ctx_train: usize },
@@ -114,7 +119,7 @@ impl EvictionConfig {
             return bad(format!(
                 "{} scores a whole context at once and cannot run under a decode budget; \
                  use --kv-keep, or a policy that scores tokens as they arrive \
-                 (streaming, h2o, snapkv, random)",
+                 (streaming, h2o, snapkv, gated, random)",
                 self.policy
             ));
         }
@@ -227,6 +232,9 @@ impl Session<'_> {
     /// Use these eviction settings from now on.
     pub fn set_eviction(&mut self, cfg: EvictionConfig) -> Result<(), SessionError> {
         cfg.validate()?;
+        if cfg.policy == Policy::Gated && self.gate.is_none() {
+            return Err(SessionError::NoGates);
+        }
         self.eviction = cfg;
         Ok(())
     }
@@ -320,8 +328,9 @@ impl Session<'_> {
     /// tables: feed `prefix`, then the whole `context` with the full cache, and score
     /// every context pair under each of `policies` from that single prefill (H2O: the
     /// attention every context query gave; SnapKV: that of the last 32, max-pooled;
-    /// KVzip: its teacher). [`Session::compress_scored`] then evicts a copy of this
-    /// session for any policy and keep ratio without prefilling again. Nothing after
+    /// KVzip: its teacher; gated: the gates, as the tokens arrive).
+    /// [`Session::compress_scored`] then evicts a copy of this session for any policy
+    /// and keep ratio without prefilling again. Nothing after
     /// the context is seen (query-agnostic). Returns the last context token's logits.
     pub fn feed_context_scored(
         &mut self,
@@ -335,9 +344,15 @@ impl Session<'_> {
             let ctx_end = self.cache.n_seen() + prefix.len() + context.len();
             self.check_teacher_fits(ctx_end, context.len())?;
         }
+        if wants(Policy::Gated) && self.gate.is_none() {
+            return Err(SessionError::NoGates);
+        }
         let mut logits = self.feed(prefix)?;
         let ctx_start = self.cache.n_seen();
         self.judged_below = self.judged_below.max(ctx_start).max(SINK_TOKENS);
+        if wants(Policy::Gated) {
+            self.gates_aside(true);
+        }
         // H2O observes every context query, SnapKV the last 32. When both are wanted,
         // those 32 are fed on their own so that their attention can be kept apart;
         // otherwise the context is fed in the same chunks as `feed_context` feeds it.
@@ -379,6 +394,7 @@ impl Session<'_> {
             logits = self.forward(&context[split..], Logits::Last, probe(split, n))?;
         }
         let window = self.list_scores();
+        let gated = self.gates_aside(false);
         let from = self.judged_below;
         let mut out = ContextScores {
             n_context: context.len(),
@@ -413,6 +429,7 @@ impl Session<'_> {
                     out.teacher_ms += t.elapsed().as_secs_f64() * 1e3;
                     self.list_scores()
                 }
+                Policy::Gated => gated.clone().ok_or(SessionError::NoGates)?,
                 Policy::Streaming | Policy::Random => {
                     self.set_arrival_scores(policy, 0);
                     self.list_scores()
@@ -545,6 +562,7 @@ impl Session<'_> {
                         Logits::None,
                         n_ctx_train,
                         Some(&probe),
+                        None,
                     )
                     .map(drop);
                 self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
@@ -565,6 +583,7 @@ impl Session<'_> {
         if to <= from {
             return;
         }
+        self.flush_gates();
         let cands = self.candidates(|p| (from..to).contains(&p));
         self.evict_unselected(&cands, keep);
         self.judged_below = to;
@@ -705,6 +724,7 @@ impl Session<'_> {
         if self.eviction.policy == Policy::SnapKv {
             self.pool_scores(0);
         }
+        self.flush_gates();
         let n_seen = self.cache.n_seen();
         let recent_from = n_seen.saturating_sub(BUDGET_RECENT);
         let cands = self.candidates(|p| p >= SINK_TOKENS && p < recent_from);
@@ -726,7 +746,8 @@ impl Session<'_> {
     }
 
     /// Save the context (tokens, compressed cache, eviction progress) to `path`.
-    pub fn save_context(&self, path: &Path) -> Result<(), SessionError> {
+    pub fn save_context(&mut self, path: &Path) -> Result<(), SessionError> {
+        self.flush_gates();
         SavedContext::save(
             path,
             self.model.file().fingerprint(),
@@ -759,6 +780,7 @@ impl Session<'_> {
         self.cache = saved.cache;
         self.judged_below = saved.judged_below as usize;
         self.since_budget = 0;
+        self.reset_gates();
         self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
         Ok(())
     }

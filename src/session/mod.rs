@@ -2,10 +2,14 @@
 //! loop and the eviction schedule (see [`eviction`]). Front ends (CLI, server) drive
 //! a `Session`; the model never sees more than one call of `forward` at a time.
 mod eviction;
+mod gating;
 
 pub use eviction::{
     CompressReport, ContextScores, EvictionConfig, SessionError, TeacherPrompt, KVZIP_CHUNK,
 };
+pub use gating::GATE_BATCH;
+
+use gating::GateScorer;
 
 use crate::kv::{KvCache, Probe};
 use crate::model::{Logits, Model, ModelError};
@@ -30,6 +34,8 @@ pub struct Session<'m> {
     judged_below: usize,
     /// Tokens fed since the decode budget was last enforced.
     since_budget: usize,
+    /// Fast KVzip gates, for the gated policy.
+    gate: Option<GateScorer>,
 }
 
 impl<'m> Session<'m> {
@@ -46,6 +52,7 @@ impl<'m> Session<'m> {
             teacher: None,
             judged_below: 0,
             since_budget: 0,
+            gate: None,
         }
     }
 
@@ -94,6 +101,31 @@ impl<'m> Session<'m> {
         Ok(last)
     }
 
+    /// Feed `tokens` with the full cache, handing every layer's attention input to
+    /// `tap` as (layer, position of the chunk's first token, rows of n_embd). Gate
+    /// training records its features this way; no eviction runs.
+    pub fn feed_observing(
+        &mut self,
+        tokens: &[u32],
+        tap: &mut dyn FnMut(usize, usize, &[f32]),
+    ) -> Result<(), ModelError> {
+        for chunk in tokens.chunks(self.prefill_chunk) {
+            let start = self.cache.n_seen();
+            let mut at = |il: usize, x: &[f32]| tap(il, start, x);
+            self.model.forward_observed(
+                chunk,
+                &mut self.cache,
+                Logits::None,
+                self.n_ctx,
+                None,
+                Some(&mut at),
+            )?;
+            self.tokens.extend_from_slice(chunk);
+            self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
+        }
+        Ok(())
+    }
+
     /// Feed `tokens` and return the logits of every one of them (n x n_vocab).
     pub fn feed_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let mut all = Vec::with_capacity(tokens.len() * self.model.config.n_vocab);
@@ -113,13 +145,10 @@ impl<'m> Session<'m> {
         probe: Option<Probe>,
     ) -> Result<Vec<f32>, ModelError> {
         let start = self.cache.n_seen();
-        let out = self.model.forward_observed(
-            chunk,
-            &mut self.cache,
-            logits,
-            self.n_ctx,
-            probe.as_ref(),
-        )?;
+        let (model, n_ctx) = (self.model, self.n_ctx);
+        let out = self.gate_tap(start, chunk.len(), |cache, tap| {
+            model.forward_observed(chunk, cache, logits, n_ctx, probe.as_ref(), tap)
+        })?;
         self.score_arrivals(start);
         self.tokens.extend_from_slice(chunk);
         self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
@@ -140,6 +169,8 @@ impl<'m> Session<'m> {
         if common == prompt.len() {
             common = common.saturating_sub(1);
         }
+        // Buffered gate inputs must become scores before their tokens may be cut.
+        self.flush_gates();
         if !self.cache.truncate(common) {
             self.cache.clear();
             common = 0;
@@ -155,5 +186,6 @@ impl<'m> Session<'m> {
         self.tokens.clear();
         self.judged_below = 0;
         self.since_budget = 0;
+        self.reset_gates();
     }
 }

@@ -22,6 +22,25 @@ pub fn model(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// The gates shipped in models/ for reference model `name` (`<stem>.gates.gguf`),
+/// or None (with a message saying why the test skips).
+pub fn shipped_gates(
+    name: &str,
+    model: &fastkv::model::Model,
+) -> Option<std::sync::Arc<fastkv::gate::Gates>> {
+    let stem = name.trim_end_matches(".gguf");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(format!("{stem}.gates.gguf"));
+    if !p.is_file() {
+        eprintln!("SKIP: {} not found", p.display());
+        return None;
+    }
+    let g = fastkv::gate::Gates::load(&p, model)
+        .unwrap_or_else(|e| panic!("the shipped gates {} do not load: {e}", p.display()));
+    Some(std::sync::Arc::new(g))
+}
+
 /// A file under ../shared/data, or None (with a message saying why the test skips).
 pub fn shared_data(rel: &str) -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
