@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use common::synth::{tiny_model, TinySpec, Vocab};
 use common::*;
 use fastkv::gate::train::{self, FeatureFiles, StageA};
-use fastkv::gate::Gates;
+use fastkv::gate::{gated_layers, Gates};
 use fastkv::kv::{Level, Policy};
 use fastkv::model::Model;
 use fastkv::session::{EvictionConfig, Session, TeacherPrompt};
@@ -207,7 +207,7 @@ fn gates_predict_the_teacher(name: &'static str, min_agreement: f64) {
     };
     train::collect(&m, &[doc], work.path(), &stage, |_| {}).unwrap();
     let files = FeatureFiles::open(work.path()).unwrap();
-    let layers = train::gated_layers(&m);
+    let layers = gated_layers(&m);
     let (all, per_layer) = train::score_against_teacher(&gates, files.view(), &layers).unwrap();
     eprintln!("{name}: agreement with the teacher on held-out text {all:?}");
     assert!(
@@ -306,7 +306,7 @@ fn buffered_decode_scores_equal_prefill_scores() {
     let m = Model::load(&path).unwrap();
     let meta = GateMeta::for_model(&m, &path);
     let shape = meta.shape;
-    let layers = train::gated_layers(&m)
+    let layers = gated_layers(&m)
         .into_iter()
         .map(|il| (il, LayerGate::init(&shape, il as u64)))
         .collect();

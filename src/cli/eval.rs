@@ -266,14 +266,10 @@ fn setup(c: &CommonArgs, keeps: &[f64]) -> Result<(Loaded, Vec<Variant>)> {
     let policies = match named {
         Some(p) => p,
         None => {
-            let mut p = vec![
-                Policy::Streaming,
-                Policy::H2o,
-                Policy::SnapKv,
-                Policy::KvZip,
-                Policy::Gated,
-                Policy::Random,
-            ];
+            let mut p: Vec<Policy> = Policy::ALL
+                .into_iter()
+                .filter(|&p| p != Policy::Full)
+                .collect();
             if c.gates.is_none() && find_gates(&l.model, &l.path).is_err() {
                 eprintln!(
                     "note: no gates for {} found; the gated policy is left out (see --gates)",

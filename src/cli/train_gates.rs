@@ -9,7 +9,7 @@ use clap::Args;
 use super::{note, progress, ModelArgs};
 use crate::eval::harness::PromptFormat;
 use crate::gate::train::{self, FeatureFiles, StageA, TrainConfig, AGREE_AT};
-use crate::gate::{GateMeta, GateShape, Gates, TrainingInfo};
+use crate::gate::{gated_layers, GateMeta, GateShape, Gates, TrainingInfo};
 use crate::session::TeacherPrompt;
 
 /// Feature files are kept under this size unless --sample-every says otherwise.
@@ -95,7 +95,7 @@ pub fn train_gates(a: TrainGatesArgs) -> Result<()> {
             doc_tokens / 4
         );
     }
-    let layers = train::gated_layers(model);
+    let layers = gated_layers(model);
     let row_bytes = layers.len() * model.config.n_embd * 2;
     let sample_every = a
         .sample_every

@@ -69,6 +69,63 @@ impl GateMeta {
         }
     }
 
+    /// The metadata of an open gate file (`path` is for messages).
+    fn read(f: &GgufFile, path: &Path) -> Result<Self, GateError> {
+        let not = |why: String| GateError::NotGates {
+            path: path.display().to_string(),
+            why,
+        };
+        if f.get_str("general.type") != Some(KIND) {
+            return Err(not("its general.type is not fastkv.gates".into()));
+        }
+        let u = |k: &str| -> Result<usize, GateError> {
+            Ok(f.require_u64(&format!("fastkv.gates.{k}"))? as usize)
+        };
+        let s = GateShape {
+            n_embd: u("embedding_length")?,
+            n_head_kv: u("head_count_kv")?,
+            group: u("group")?,
+            dim: u("dim")?,
+            sinks: u("sinks")?,
+        };
+        if [s.n_embd, s.n_head_kv, s.group, s.dim, s.sinks].contains(&0) {
+            return Err(not(format!("a gate dimension is zero: {s:?}")));
+        }
+        let text = |k: &str| f.get_str(&format!("fastkv.gates.{k}")).unwrap_or_default();
+        let num = |k: &str| {
+            f.get_u64(&format!("fastkv.gates.training.{k}"))
+                .unwrap_or(0)
+        };
+        let real = |k: &str| {
+            f.get_f32(&format!("fastkv.gates.training.{k}"))
+                .unwrap_or(f32::NAN)
+        };
+        let fingerprint = u64::from_str_radix(text("model.fingerprint"), 16)
+            .map_err(|_| not("its model fingerprint is missing or malformed".into()))?;
+        Ok(GateMeta {
+            shape: s,
+            model_arch: text("model.architecture").to_string(),
+            model_name: text("model.name").to_string(),
+            n_layer: u("model.block_count")?,
+            fingerprint,
+            training: TrainingInfo {
+                template: text("training.template").to_string(),
+                corpus: text("training.corpus").to_string(),
+                n_docs: num("docs"),
+                doc_tokens: num("doc_tokens"),
+                corpus_tokens: num("corpus_tokens"),
+                feature_tokens: num("feature_tokens"),
+                sample_every: num("sample_every"),
+                steps: num("steps"),
+                batch: num("batch"),
+                seed: num("seed"),
+                val_tokens: num("val_tokens"),
+                val_loss: real("val_loss"),
+                val_agreement: real("val_agreement"),
+            },
+        })
+    }
+
     /// An error unless these gates were trained for `model`.
     pub fn check_model(&self, model: &Model, path: &Path) -> Result<(), GateError> {
         let c = &model.config;
@@ -172,58 +229,11 @@ impl Gates {
     /// Read a gate file, without checking which model it belongs to.
     pub fn open(path: &Path) -> Result<Self, GateError> {
         let f = GgufFile::open(path)?;
+        let meta = GateMeta::read(&f, path)?;
+        let s = meta.shape;
         let not = |why: String| GateError::NotGates {
             path: path.display().to_string(),
             why,
-        };
-        if f.get_str("general.type") != Some(KIND) {
-            return Err(not("its general.type is not fastkv.gates".into()));
-        }
-        let u = |k: &str| -> Result<usize, GateError> {
-            Ok(f.require_u64(&format!("fastkv.gates.{k}"))? as usize)
-        };
-        let s = GateShape {
-            n_embd: u("embedding_length")?,
-            n_head_kv: u("head_count_kv")?,
-            group: u("group")?,
-            dim: u("dim")?,
-            sinks: u("sinks")?,
-        };
-        if [s.n_embd, s.n_head_kv, s.group, s.dim, s.sinks].contains(&0) {
-            return Err(not(format!("a gate dimension is zero: {s:?}")));
-        }
-        let text = |k: &str| f.get_str(&format!("fastkv.gates.{k}")).unwrap_or_default();
-        let num = |k: &str| {
-            f.get_u64(&format!("fastkv.gates.training.{k}"))
-                .unwrap_or(0)
-        };
-        let real = |k: &str| {
-            f.get_f32(&format!("fastkv.gates.training.{k}"))
-                .unwrap_or(f32::NAN)
-        };
-        let fingerprint = u64::from_str_radix(text("model.fingerprint"), 16)
-            .map_err(|_| not("its model fingerprint is missing or malformed".into()))?;
-        let meta = GateMeta {
-            shape: s,
-            model_arch: text("model.architecture").to_string(),
-            model_name: text("model.name").to_string(),
-            n_layer: u("model.block_count")?,
-            fingerprint,
-            training: TrainingInfo {
-                template: text("training.template").to_string(),
-                corpus: text("training.corpus").to_string(),
-                n_docs: num("docs"),
-                doc_tokens: num("doc_tokens"),
-                corpus_tokens: num("corpus_tokens"),
-                feature_tokens: num("feature_tokens"),
-                sample_every: num("sample_every"),
-                steps: num("steps"),
-                batch: num("batch"),
-                seed: num("seed"),
-                val_tokens: num("val_tokens"),
-                val_loss: real("val_loss"),
-                val_agreement: real("val_agreement"),
-            },
         };
         let (qr, kr, d) = (s.q_rows(), s.k_rows(), s.dim);
         let mut gated = Vec::new();
@@ -273,19 +283,16 @@ impl Gates {
     pub fn load(path: &Path, model: &Model) -> Result<Self, GateError> {
         let g = Self::open(path)?;
         g.meta.check_model(model, path)?;
-        let cache = model.new_cache();
-        for (il, l) in cache.layers.iter().enumerate() {
-            if l.is_evictable() != g.layer(il).is_some() {
+        let evicted = super::gated_layers(model);
+        for il in 0..model.config.n_layer {
+            let (gated, evictable) = (g.layer(il).is_some(), evicted.contains(&il));
+            if gated != evictable {
                 return Err(GateError::NotGates {
                     path: path.display().to_string(),
                     why: format!(
                         "layer {il} {} a gate but its KV {} evicted",
-                        if g.layer(il).is_some() {
-                            "has"
-                        } else {
-                            "lacks"
-                        },
-                        if l.is_evictable() { "is" } else { "is not" }
+                        if gated { "has" } else { "lacks" },
+                        if evictable { "is" } else { "is not" }
                     ),
                 });
             }
@@ -320,7 +327,11 @@ pub fn find_gates(model: &Model, model_path: &Path) -> Result<PathBuf, GateError
             .collect();
         files.sort();
         for p in files {
-            if Gates::open(&p).is_ok_and(|g| g.meta.fingerprint == fingerprint) {
+            // The metadata is enough to tell; the tensors are read by `Gates::load`.
+            let meta = GgufFile::open(&p)
+                .map_err(GateError::from)
+                .and_then(|f| GateMeta::read(&f, &p));
+            if meta.is_ok_and(|m| m.fingerprint == fingerprint) {
                 return Ok(p);
             }
         }

@@ -362,6 +362,15 @@ fn sigmoid(u: f32) -> f32 {
     1.0 / (1.0 + (-u).exp())
 }
 
+/// The layers a model's gates cover: those whose KV the runtime evicts (all of them
+/// for llama and qwen; gemma3's global layers, not its sliding-window ones).
+pub fn gated_layers(model: &crate::model::Model) -> Vec<usize> {
+    let windows = model.kv_shape().windows;
+    (0..windows.len())
+        .filter(|&il| windows[il].is_none())
+        .collect()
+}
+
 /// A model's gates: one per gated layer (the layers whose KV is evicted: all of them
 /// for llama and qwen, the global ones for gemma3), with what they were trained for.
 #[derive(Debug, Clone)]

@@ -25,7 +25,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use super::{bce, loss_and_grad, GateError, GateShape, LayerGate};
+use super::{bce, gated_layers, loss_and_grad, GateError, GateShape, LayerGate};
 use crate::model::Model;
 use crate::session::{Session, TeacherPrompt};
 use crate::tokenizer::Tokenizer;
@@ -158,14 +158,6 @@ impl StageAProgress {
     pub fn complete(&self) -> bool {
         self.docs_done == self.n_docs
     }
-}
-
-/// The layers a model's gates cover: those whose KV the runtime evicts.
-pub fn gated_layers(model: &Model) -> Vec<usize> {
-    let cache = model.new_cache();
-    (0..model.config.n_layer)
-        .filter(|&il| cache.layers[il].is_evictable())
-        .collect()
 }
 
 /// Stage A over `docs` into the work directory `work`, resuming where a previous run
