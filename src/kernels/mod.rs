@@ -8,6 +8,7 @@
 //! do not depend on the number of threads.
 mod gemm;
 mod ops;
+mod tile;
 mod types;
 
 pub use gemm::{gemm, Mat};
@@ -75,13 +76,10 @@ impl<'a> Activations<'a> {
         }
     }
 
-    /// The activations as rows of `ty` (converted on first use).
-    fn as_type(&mut self, ty: GgmlType) -> &[u8] {
-        if ty == GgmlType::F32 {
-            return bytes_of(self.x);
-        }
-        if let Some(i) = self.converted.iter().position(|(t, _)| *t == ty) {
-            return &self.converted[i].1;
+    /// Convert the activations to `ty` unless that was done already.
+    fn convert(&mut self, ty: GgmlType) {
+        if ty == GgmlType::F32 || self.converted.iter().any(|(t, _)| *t == ty) {
+            return;
         }
         let rb = ty.row_bytes(self.cols);
         let mut buf = vec![0u8; rb * self.n];
@@ -90,7 +88,19 @@ impl<'a> Activations<'a> {
             .zip(self.x.par_chunks(cols))
             .for_each(|(dst, src)| ty.from_f32(src, dst));
         self.converted.push((ty, buf));
-        &self.converted.last().expect("just pushed").1
+    }
+
+    /// The activations as rows of `ty` (after [`Activations::convert`]).
+    fn as_type(&self, ty: GgmlType) -> &[u8] {
+        if ty == GgmlType::F32 {
+            return bytes_of(self.x);
+        }
+        let (_, buf) = self
+            .converted
+            .iter()
+            .find(|(t, _)| *t == ty)
+            .expect("activations converted before use");
+        buf
     }
 }
 
@@ -117,48 +127,171 @@ impl OutPtr {
 
 /// `out[t * w.rows + r] = dot(w.row(r), x.row(t))` for every token `t` and weight row
 /// `r`, i.e. `out = x · wᵀ`, in parallel over blocks of weight rows (each block is
-/// read once from memory and used for every token while it is in cache).
+/// read once from memory and used for every token while it is in cache). Types with
+/// a register-tiled kernel ([`tile`]) compute several rows and tokens per pass; the
+/// others call ggml's `vec_dot` once per output. Either way each output is one
+/// computation in ggml's arithmetic, whatever the thread count.
 pub fn matmul(w: &QMatrix, x: &mut Activations, out: &mut [f32]) {
-    assert_eq!(w.cols, x.cols, "matmul: inner dimensions differ");
-    assert_eq!(out.len(), x.n * w.rows, "matmul: output has the wrong size");
+    matmuls(&mut [(*w, out)], x);
+}
+
+/// Several products of the same activations (Q, K and V; gate and up), as
+/// [`matmul`] computes each, in one parallel pass: one hand-off to the threads
+/// instead of one per matrix, which counts when decoding a token is hundreds of
+/// small products.
+pub fn matmuls(products: &mut [(QMatrix, &mut [f32])], x: &mut Activations) {
     let n = x.n;
-    let cols = w.cols;
-    let dot_ty = w.ty.vec_dot_type();
-    let xrb = dot_ty.row_bytes(cols);
-    let xq = x.as_type(dot_ty);
-    let wrb = w.row_bytes();
-    let rows = w.rows;
-    let block = row_block(rows, n);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    let vec_dot = w.ty.vec_dot();
-    (0..rows.div_ceil(block)).into_par_iter().for_each(|b| {
-        let r0 = b * block;
-        let r1 = (r0 + block).min(rows);
-        for t in 0..n {
-            let xt = &xq[t * xrb..(t + 1) * xrb];
-            for r in r0..r1 {
-                let wr = &w.data[r * wrb..(r + 1) * wrb];
-                let mut s = 0f32;
-                // SAFETY: `wr` and `xt` are full rows of `cols` values in the types
-                // `vec_dot` expects (w.ty and its vec_dot_type); `s` is one float.
-                unsafe {
-                    vec_dot(
-                        cols as i32,
-                        &mut s,
-                        0,
-                        wr.as_ptr().cast(),
-                        0,
-                        xt.as_ptr().cast(),
-                        0,
-                        1,
-                    )
-                };
-                // SAFETY: index < n * rows == out.len(); each (t, r) is written by
-                // exactly one task because row blocks are disjoint.
-                unsafe { *out_ptr.get().add(t * rows + r) = s };
+    for (w, out) in products.iter() {
+        assert_eq!(w.cols, x.cols, "matmul: inner dimensions differ");
+        assert_eq!(out.len(), n * w.rows, "matmul: output has the wrong size");
+        x.convert(w.ty.vec_dot_type());
+    }
+    let x = &*x;
+    struct Job<'a> {
+        w: QMatrix<'a>,
+        xq: &'a [u8],
+        kind: Option<tile::Kind>,
+        scales: Vec<f32>,
+        out: OutPtr,
+        block: usize,
+    }
+    let jobs: Vec<Job> = products
+        .iter_mut()
+        .map(|(w, out)| {
+            let xq = x.as_type(w.ty.vec_dot_type());
+            let kind = tile::kernel_for(w.ty, n);
+            Job {
+                w: *w,
+                xq,
+                kind,
+                scales: kind.map_or(Vec::new(), |k| tile::activation_scales(k, xq)),
+                out: OutPtr(out.as_mut_ptr()),
+                block: row_block(w.rows, n),
             }
+        })
+        .collect();
+    let tasks: Vec<(usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, j)| (0..j.w.rows.div_ceil(j.block)).map(move |b| (i, b)))
+        .collect();
+    tasks.into_par_iter().for_each(|(i, b)| {
+        let job = &jobs[i];
+        let (rows, out) = (job.w.rows, job.out);
+        let r0 = b * job.block;
+        let r1 = (r0 + job.block).min(rows);
+        // SAFETY: every (t, r) with r in this task's row block is written by this
+        // task only (blocks of one matrix are disjoint, and each matrix has its own
+        // output), inside that output (checked above: its length is n * rows).
+        let store = |t: usize, r: usize, v: f32| unsafe { *out.get().add(t * rows + r) = v };
+        match job.kind {
+            Some(kind) => tiled_rows(kind, &job.w, job.xq, &job.scales, n, r0..r1, store),
+            None => vec_dot_rows(&job.w, job.xq, n, r0..r1, store),
         }
     });
+}
+
+/// Rows `rows` of `w` against every token, one ggml `vec_dot` per output.
+fn vec_dot_rows(
+    w: &QMatrix,
+    xq: &[u8],
+    n: usize,
+    rows: std::ops::Range<usize>,
+    store: impl Fn(usize, usize, f32),
+) {
+    let vec_dot = w.ty.vec_dot();
+    let wrb = w.row_bytes();
+    let xrb = xq.len() / n;
+    for t in 0..n {
+        let xt = &xq[t * xrb..(t + 1) * xrb];
+        for r in rows.clone() {
+            let wr = &w.data[r * wrb..(r + 1) * wrb];
+            let mut s = 0f32;
+            // SAFETY: `wr` and `xt` are full rows of `cols` values in the types
+            // `vec_dot` expects (w.ty and its vec_dot_type); `s` is one float.
+            unsafe {
+                vec_dot(
+                    w.cols as i32,
+                    &mut s,
+                    0,
+                    wr.as_ptr().cast(),
+                    0,
+                    xt.as_ptr().cast(),
+                    0,
+                    1,
+                )
+            };
+            store(t, r, s);
+        }
+    }
+}
+
+/// Rows `rows` of `w` against every token with the tiled kernel: tiles of
+/// `tile::R` rows x `tile::T` tokens, and narrower tiles at the edges. `scales`
+/// are the activations' [`tile::activation_scales`].
+fn tiled_rows(
+    kind: tile::Kind,
+    w: &QMatrix,
+    xq: &[u8],
+    scales: &[f32],
+    n: usize,
+    rows: std::ops::Range<usize>,
+    store: impl Fn(usize, usize, f32) + Copy,
+) {
+    let blocks = w.cols / 32;
+    let per_token = scales.len() / n;
+    let (wrb, xrb) = (w.row_bytes(), xq.len() / n);
+    let w_row = |r: usize| w.data[r * wrb..(r + 1) * wrb].as_ptr();
+    let x_row = |t: usize| xq[t * xrb..(t + 1) * xrb].as_ptr();
+    let x_scales = |t: usize| scales[t * per_token..].as_ptr();
+    let mut t = 0;
+    while t < n {
+        let tt = if n - t >= tile::T { tile::T } else { 1 };
+        let mut r = rows.start;
+        while r < rows.end {
+            let rr = if rows.end - r >= tile::R { tile::R } else { 1 };
+            let wp: [*const u8; tile::R] = std::array::from_fn(|i| w_row((r + i).min(r + rr - 1)));
+            let xp: [*const u8; tile::T] = std::array::from_fn(|j| x_row((t + j).min(t + tt - 1)));
+            let xs: [*const f32; tile::T] =
+                std::array::from_fn(|j| x_scales((t + j).min(t + tt - 1)));
+            // SAFETY: every pointer is the start of a whole row (of `w`, or of the
+            // activations converted to the dot type), `w.cols` values long.
+            match (rr, tt) {
+                (tile::R, tile::T) => {
+                    let v = unsafe {
+                        tile::dot_tile::<{ tile::R }, { tile::T }>(kind, wp, xp, xs, blocks)
+                    };
+                    for (i, vr) in v.iter().enumerate() {
+                        for (j, &vv) in vr.iter().enumerate() {
+                            store(t + j, r + i, vv);
+                        }
+                    }
+                }
+                (tile::R, _) => {
+                    let v = unsafe {
+                        tile::dot_tile::<{ tile::R }, 1>(kind, wp, [xp[0]], [xs[0]], blocks)
+                    };
+                    for (i, vr) in v.iter().enumerate() {
+                        store(t, r + i, vr[0]);
+                    }
+                }
+                (_, tile::T) => {
+                    let v =
+                        unsafe { tile::dot_tile::<1, { tile::T }>(kind, [wp[0]], xp, xs, blocks) };
+                    for (j, &vv) in v[0].iter().enumerate() {
+                        store(t + j, r, vv);
+                    }
+                }
+                _ => {
+                    let v =
+                        unsafe { tile::dot_tile::<1, 1>(kind, [wp[0]], [xp[0]], [xs[0]], blocks) };
+                    store(t, r, v[0][0]);
+                }
+            }
+            r += rr;
+        }
+        t += tt;
+    }
 }
 
 /// How many weight rows one task handles: enough tasks to balance the threads, few
@@ -267,6 +400,54 @@ mod tests {
             let mut out1 = vec![0f32; n * rows];
             single.install(|| matmul(&m, &mut Activations::new(&x, n, cols), &mut out1));
             assert_eq!(out, out1, "{ty}: result depends on the thread count");
+        }
+    }
+
+    /// The tiled kernels give exactly ggml's `vec_dot` results (same float operations
+    /// in the same order), for every tile shape and edge: full tiles, a lone row, a
+    /// lone token, and with one and two threads.
+    #[test]
+    fn tiled_products_are_bit_identical_to_ggml() {
+        init();
+        let cols = 320;
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            assert!(tile::kernel_for(ty, 2).is_some() || !cfg!(target_feature = "avx2"));
+            for (rows, n) in [(13, 1), (13, 2), (21, 5), (64, 7), (4, 3)] {
+                let w = pseudo_random(cols * rows, rows as u32);
+                let x: Vec<f32> = pseudo_random(cols * n, 7 + n as u32)
+                    .iter()
+                    .map(|v| v * 3.0)
+                    .collect();
+                let rb = ty.row_bytes(cols);
+                let mut data = vec![0u8; rb * rows];
+                for (r, dst) in data.chunks_exact_mut(rb).enumerate() {
+                    ty.from_f32(&w[r * cols..(r + 1) * cols], dst);
+                }
+                let m = QMatrix::new(ty, cols, rows, &data).expect("shape");
+                let mut acts = Activations::new(&x, n, cols);
+                acts.convert(ty.vec_dot_type());
+                let xq = acts.as_type(ty.vec_dot_type());
+                let want = std::cell::RefCell::new(vec![0f32; n * rows]);
+                vec_dot_rows(&m, xq, n, 0..rows, |t, r, v| {
+                    want.borrow_mut()[t * rows + r] = v
+                });
+                for threads in [1, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut got = vec![0f32; n * rows];
+                    pool.install(|| matmul(&m, &mut Activations::new(&x, n, cols), &mut got));
+                    let want = want.borrow();
+                    for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "{ty} {rows}x{n}, {threads} threads, output {i}: {g} vs ggml {w}"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::kernels::{
-    self, matmul, rmsnorm, rmsnorm_inplace, rope, Activations, GgmlType, QMatrix,
+    self, matmul, matmuls, rmsnorm, rmsnorm_inplace, rope, Activations, GgmlType, QMatrix,
 };
 use crate::kv::{self, KvCache, KvShape, Probe};
 
@@ -306,10 +306,14 @@ impl Model {
             if let Some(f) = attn_input.as_mut() {
                 f(il, &xn);
             }
-            let mut acts = Activations::new(&xn, n, d);
-            matmul(&self.mat(&l.wq), &mut acts, &mut q);
-            matmul(&self.mat(&l.wk), &mut acts, &mut k);
-            matmul(&self.mat(&l.wv), &mut acts, &mut v);
+            matmuls(
+                &mut [
+                    (self.mat(&l.wq), &mut q),
+                    (self.mat(&l.wk), &mut k),
+                    (self.mat(&l.wv), &mut v),
+                ],
+                &mut Activations::new(&xn, n, d),
+            );
             add_bias(&mut q, l.bq.as_deref());
             add_bias(&mut k, l.bk.as_deref());
             add_bias(&mut v, l.bv.as_deref());
@@ -363,9 +367,13 @@ impl Model {
 
             // Feed-forward block.
             norm_rows(&x, &l.ffn_norm, c.rms_eps, &mut xn, d);
-            let mut acts = Activations::new(&xn, n, d);
-            matmul(&self.mat(&l.ffn_gate), &mut acts, &mut gate);
-            matmul(&self.mat(&l.ffn_up), &mut acts, &mut up);
+            matmuls(
+                &mut [
+                    (self.mat(&l.ffn_gate), &mut gate),
+                    (self.mat(&l.ffn_up), &mut up),
+                ],
+                &mut Activations::new(&xn, n, d),
+            );
             for (g, u) in gate.chunks_exact_mut(c.n_ff).zip(up.chunks_exact(c.n_ff)) {
                 match c.activation {
                     Activation::SwiGlu => kernels::swiglu(g, u),

@@ -1,0 +1,277 @@
+//! Register-tiled dot products for the weight types that dominate the reference
+//! models (Q4_1 against Q8_1 activations, Q8_0 against Q8_0), with AVX2.
+//!
+//! ggml's `vec_dot` computes one output per call: every call unpacks its weight
+//! row's nibbles, loads the activation row and reduces. A tile computes `R` weight
+//! rows against `T` activation rows in one pass over the blocks, so each weight block
+//! is unpacked once for `T` tokens and each activation block loaded once for `R`
+//! rows; the per-call overhead goes too. Decode (`T = 1`) reads weights closer to
+//! memory speed, prefill does far less work per product.
+//!
+//! Every output is computed with exactly the float operations of ggml's AVX2
+//! `vec_dot` for the type, in the same order (the integer parts are exact): the
+//! results are bit-identical to ggml's, and so to llama.cpp's (tested below against
+//! the kernels themselves). Other types, or builds without AVX2/FMA/F16C, use
+//! ggml's `vec_dot` unchanged.
+use super::GgmlType;
+
+/// Rows of a tile (weights) and columns (tokens) for prefill; decode uses `R x 1`.
+pub(super) const R: usize = 4;
+pub(super) const T: usize = 2;
+
+/// The tiled kernel for a weight type and number of tokens, if there is one in this
+/// build that beats ggml's. A Q8_0 row does no per-row work a tile could share
+/// except the activation load, and with one token ggml's row-by-row order streams
+/// from memory faster, so Q8_0 is tiled only for batches.
+pub(super) fn kernel_for(ty: GgmlType, n_tokens: usize) -> Option<Kind> {
+    if !cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )) {
+        return None;
+    }
+    match ty {
+        GgmlType::Q4_1 => Some(Kind::Q4_1),
+        GgmlType::Q8_0 if n_tokens > 1 => Some(Kind::Q8_0),
+        _ => None,
+    }
+}
+
+/// The weight types with a tiled kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Q4_1,
+    Q8_0,
+}
+
+/// Scales of the activation blocks as f32, computed once per product: for Q8_1,
+/// `(d, s)` per block; for Q8_0, `d` per block. The kernels then convert only the
+/// weights' scales.
+pub(super) fn activation_scales(kind: Kind, xq: &[u8]) -> Vec<f32> {
+    let (bytes, per) = match kind {
+        Kind::Q4_1 => (36, 2),
+        Kind::Q8_0 => (34, 1),
+    };
+    assert_eq!(xq.len() % bytes, 0, "activation rows are whole blocks");
+    let mut scales = Vec::with_capacity(xq.len() / bytes * per);
+    for b in xq.chunks_exact(bytes) {
+        for i in 0..per {
+            scales.push(half::f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32());
+        }
+    }
+    scales
+}
+
+/// `out[r][t] = dot(w[r], x[t])` for `RR` (at most 4) weight rows and `TT`
+/// activation rows of `blocks` blocks each, in the formats of `kind` (Q4_1 weights
+/// with Q8_1 activations, or Q8_0 with Q8_0); `xs[t]` points to token t's
+/// [`activation_scales`].
+///
+/// # Safety
+/// Every pointer must address a whole row of `blocks` blocks in its format, and the
+/// scales of that many blocks, valid for reads.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+pub(super) unsafe fn dot_tile<const RR: usize, const TT: usize>(
+    kind: Kind,
+    w: [*const u8; RR],
+    x: [*const u8; TT],
+    xs: [*const f32; TT],
+    blocks: usize,
+) -> [[f32; TT]; RR] {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        match kind {
+            Kind::Q4_1 => avx2::q4_1_q8_1::<RR, TT>(w, x, xs, blocks),
+            Kind::Q8_0 => avx2::q8_0_q8_0::<RR, TT>(w, x, xs, blocks),
+        }
+    }
+}
+
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+)))]
+pub(super) unsafe fn dot_tile<const RR: usize, const TT: usize>(
+    _kind: Kind,
+    _w: [*const u8; RR],
+    _x: [*const u8; TT],
+    _xs: [*const f32; TT],
+    _blocks: usize,
+) -> [[f32; TT]; RR] {
+    unreachable!("kernel_for returns None in builds without AVX2")
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Bytes of a Q4_1 block (f16 d, f16 m, 16 bytes of nibbles), a Q8_1 block (f16
+    /// d, f16 s = d * sum(q), 32 i8) and a Q8_0 block (f16 d, 32 i8).
+    const Q4_1_BYTES: usize = 20;
+    const Q8_1_BYTES: usize = 36;
+    const Q8_0_BYTES: usize = 34;
+    /// How far ahead of the current block the weight rows are prefetched.
+    const PREFETCH: usize = 512;
+
+    /// The 32-bit word at `p` (unaligned).
+    #[inline(always)]
+    unsafe fn word_at(p: *const u8) -> i32 {
+        // SAFETY: the caller guarantees four readable bytes at `p`.
+        unsafe { p.cast::<i32>().read_unaligned() }
+    }
+
+    /// ggml's `hsum_float_8`: (hi + lo), then the upper pair onto the lower, then
+    /// lane 1 onto lane 0.
+    #[inline(always)]
+    unsafe fn hsum_float_8(x: __m256) -> f32 {
+        // SAFETY: register-only intrinsics, available under this module's cfg.
+        unsafe {
+            let mut res = _mm256_extractf128_ps(x, 1);
+            res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+            res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+            res = _mm_add_ss(res, _mm_movehdup_ps(res));
+            _mm_cvtss_f32(res)
+        }
+    }
+
+    /// Lane `i` of `v`.
+    #[inline(always)]
+    unsafe fn lane(v: __m256, i: usize) -> f32 {
+        // SAFETY: register-only intrinsics.
+        unsafe {
+            _mm_cvtss_f32(_mm256_castps256_ps128(_mm256_permutevar8x32_ps(
+                v,
+                _mm256_set1_epi32(i as i32),
+            )))
+        }
+    }
+
+    /// ggml's `mul_sum_us8_pairs_float`: unsigned x signed bytes, pairwise sums
+    /// twice, as floats.
+    #[inline(always)]
+    unsafe fn mul_sum_us8_pairs_float(ax: __m256i, sy: __m256i) -> __m256 {
+        // SAFETY: register-only intrinsics.
+        unsafe {
+            let dot = _mm256_maddubs_epi16(ax, sy);
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
+        }
+    }
+
+    /// ggml's `ggml_vec_dot_q4_1_q8_1` (AVX2), for a tile of rows and tokens.
+    ///
+    /// Per block: `summs += m * s`, `acc = fma(d0 * d1, float(sum of nibble x q8
+    /// products), acc)`; at the end `hsum(acc) + summs`. The scales of the (up to 4)
+    /// rows are converted together: lanes 2r and 2r + 1 hold row r's d and m, and
+    /// products with the token's d and s stay in those lanes (a product of two f16
+    /// values is exact in f32, so `summs`'s update equals ggml's either way).
+    #[inline(always)]
+    pub(super) unsafe fn q4_1_q8_1<const RR: usize, const TT: usize>(
+        w: [*const u8; RR],
+        x: [*const u8; TT],
+        xs: [*const f32; TT],
+        nb: usize,
+    ) -> [[f32; TT]; RR] {
+        // SAFETY: the caller guarantees `nb` readable blocks and scales behind every
+        // pointer; the rest are register-only intrinsics.
+        unsafe {
+            let low = _mm256_set1_epi8(0xF);
+            let mut acc = [[_mm256_setzero_ps(); TT]; RR];
+            let mut summs = [_mm256_setzero_ps(); TT];
+            for ib in 0..nb {
+                let mut words = [0i32; 4];
+                let mut qx = [_mm256_setzero_si256(); RR];
+                for r in 0..RR {
+                    let b = w[r].add(ib * Q4_1_BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH).cast());
+                    words[r] = word_at(b);
+                    let tmp = _mm_loadu_si128(b.add(4).cast());
+                    let bytes = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
+                    qx[r] = _mm256_and_si256(low, bytes);
+                }
+                let dm = _mm256_cvtph_ps(_mm_set_epi32(words[3], words[2], words[1], words[0]));
+                for t in 0..TT {
+                    let d1 = *xs[t].add(2 * ib);
+                    let s1 = *xs[t].add(2 * ib + 1);
+                    let qy = _mm256_loadu_si256(x[t].add(ib * Q8_1_BYTES + 4).cast());
+                    summs[t] = _mm256_fmadd_ps(dm, _mm256_set1_ps(s1), summs[t]);
+                    let dd = _mm256_mul_ps(dm, _mm256_set1_ps(d1));
+                    for r in 0..RR {
+                        let d = _mm256_permutevar8x32_ps(dd, _mm256_set1_epi32(2 * r as i32));
+                        let xy = mul_sum_us8_pairs_float(qx[r], qy);
+                        acc[r][t] = _mm256_fmadd_ps(d, xy, acc[r][t]);
+                    }
+                }
+            }
+            let mut out = [[0f32; TT]; RR];
+            for r in 0..RR {
+                for t in 0..TT {
+                    out[r][t] = hsum_float_8(acc[r][t]) + lane(summs[t], 2 * r + 1);
+                }
+            }
+            out
+        }
+    }
+
+    /// ggml's `ggml_vec_dot_q8_0_q8_0` (AVX2), for a tile of rows and tokens:
+    /// `acc = fma(d0 * d1, float(sum of q x q products), acc)`, then `hsum(acc)`.
+    /// Lane r of the converted scales is row r's d.
+    #[inline(always)]
+    pub(super) unsafe fn q8_0_q8_0<const RR: usize, const TT: usize>(
+        w: [*const u8; RR],
+        x: [*const u8; TT],
+        xs: [*const f32; TT],
+        nb: usize,
+    ) -> [[f32; TT]; RR] {
+        // SAFETY: as in `q4_1_q8_1`.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); TT]; RR];
+            for ib in 0..nb {
+                let mut halves = [0i16; 4];
+                let mut qx = [_mm256_setzero_si256(); RR];
+                let mut ax = [_mm256_setzero_si256(); RR];
+                for r in 0..RR {
+                    let b = w[r].add(ib * Q8_0_BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH).cast());
+                    halves[r] = b.cast::<i16>().read_unaligned();
+                    qx[r] = _mm256_loadu_si256(b.add(2).cast());
+                    ax[r] = _mm256_sign_epi8(qx[r], qx[r]);
+                }
+                let d0 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_set_epi16(
+                    0, 0, 0, 0, halves[3], halves[2], halves[1], halves[0],
+                )));
+                for t in 0..TT {
+                    let d1 = *xs[t].add(ib);
+                    let qy = _mm256_loadu_si256(x[t].add(ib * Q8_0_BYTES + 2).cast());
+                    let dd = _mm256_mul_ps(d0, _mm256_set1_ps(d1));
+                    for r in 0..RR {
+                        let d = _mm256_permutevar8x32_ps(dd, _mm256_set1_epi32(r as i32));
+                        let sy = _mm256_sign_epi8(qy, qx[r]);
+                        let q = mul_sum_us8_pairs_float(ax[r], sy);
+                        acc[r][t] = _mm256_fmadd_ps(d, q, acc[r][t]);
+                    }
+                }
+            }
+            let mut out = [[0f32; TT]; RR];
+            for r in 0..RR {
+                for t in 0..TT {
+                    out[r][t] = hsum_float_8(acc[r][t]);
+                }
+            }
+            out
+        }
+    }
+}
