@@ -227,8 +227,9 @@ fn vec_dot_rows(
 }
 
 /// Rows `rows` of `w` against every token with the tiled kernel: tiles of
-/// `tile::R` rows x `tile::T` tokens, and narrower tiles at the edges. `scales`
-/// are the activations' [`tile::activation_scales`].
+/// `tile::R` rows x `tile::T` tokens while `tile::T` tokens remain, then the rest
+/// one token at a time in tiles of `tile::R_ONE` rows. `scales` are the
+/// activations' [`tile::activation_scales`].
 fn tiled_rows(
     kind: tile::Kind,
     w: &QMatrix,
@@ -238,59 +239,70 @@ fn tiled_rows(
     rows: std::ops::Range<usize>,
     store: impl Fn(usize, usize, f32) + Copy,
 ) {
-    let blocks = w.cols / 32;
-    let per_token = scales.len() / n;
-    let (wrb, xrb) = (w.row_bytes(), xq.len() / n);
-    let w_row = |r: usize| w.data[r * wrb..(r + 1) * wrb].as_ptr();
-    let x_row = |t: usize| xq[t * xrb..(t + 1) * xrb].as_ptr();
-    let x_scales = |t: usize| scales[t * per_token..].as_ptr();
-    let mut t = 0;
-    while t < n {
-        let tt = if n - t >= tile::T { tile::T } else { 1 };
-        let mut r = rows.start;
-        while r < rows.end {
-            let rr = if rows.end - r >= tile::R { tile::R } else { 1 };
-            let wp: [*const u8; tile::R] = std::array::from_fn(|i| w_row((r + i).min(r + rr - 1)));
-            let xp: [*const u8; tile::T] = std::array::from_fn(|j| x_row((t + j).min(t + tt - 1)));
-            let xs: [*const f32; tile::T] =
-                std::array::from_fn(|j| x_scales((t + j).min(t + tt - 1)));
-            // SAFETY: every pointer is the start of a whole row (of `w`, or of the
-            // activations converted to the dot type), `w.cols` values long.
-            match (rr, tt) {
-                (tile::R, tile::T) => {
-                    let v = unsafe {
-                        tile::dot_tile::<{ tile::R }, { tile::T }>(kind, wp, xp, xs, blocks)
-                    };
+    let x = TileInput {
+        kind,
+        w,
+        xq,
+        scales,
+        n,
+    };
+    let batched = n / tile::T * tile::T;
+    x.pass::<{ tile::R }, { tile::T }>(0..batched, rows.clone(), store);
+    x.pass::<{ tile::R_ONE }, 1>(batched..n, rows, store);
+}
+
+/// What every tile of one product reads.
+struct TileInput<'a> {
+    kind: tile::Kind,
+    w: &'a QMatrix<'a>,
+    xq: &'a [u8],
+    scales: &'a [f32],
+    n: usize,
+}
+
+impl TileInput<'_> {
+    /// Tokens `tokens` (a multiple of `TT` of them) against rows `rows`, in tiles
+    /// of `RR x TT` and single rows at the end of the range.
+    fn pass<const RR: usize, const TT: usize>(
+        &self,
+        tokens: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
+        store: impl Fn(usize, usize, f32),
+    ) {
+        let blocks = self.w.cols / 32;
+        let (wrb, xrb) = (self.w.row_bytes(), self.xq.len() / self.n);
+        let per_token = self.scales.len() / self.n;
+        let w_row = |r: usize| self.w.data[r * wrb..(r + 1) * wrb].as_ptr();
+        for t in tokens.step_by(TT) {
+            let xp: [*const u8; TT] =
+                std::array::from_fn(|j| self.xq[(t + j) * xrb..(t + j + 1) * xrb].as_ptr());
+            let xs: [*const f32; TT] = std::array::from_fn(|j| {
+                self.scales[(t + j) * per_token..(t + j + 1) * per_token].as_ptr()
+            });
+            let mut r = rows.start;
+            while r < rows.end {
+                // SAFETY: every pointer is the start of a whole row (of `w`, or of
+                // the activations converted to the dot type, with their scales),
+                // `w.cols` values long; the slicing above checked the bounds.
+                if r + RR <= rows.end {
+                    let wp: [*const u8; RR] = std::array::from_fn(|i| w_row(r + i));
+                    let v = unsafe { tile::dot_tile::<RR, TT>(self.kind, wp, xp, xs, blocks) };
                     for (i, vr) in v.iter().enumerate() {
                         for (j, &vv) in vr.iter().enumerate() {
                             store(t + j, r + i, vv);
                         }
                     }
-                }
-                (tile::R, _) => {
-                    let v = unsafe {
-                        tile::dot_tile::<{ tile::R }, 1>(kind, wp, [xp[0]], [xs[0]], blocks)
-                    };
-                    for (i, vr) in v.iter().enumerate() {
-                        store(t, r + i, vr[0]);
-                    }
-                }
-                (_, tile::T) => {
+                    r += RR;
+                } else {
                     let v =
-                        unsafe { tile::dot_tile::<1, { tile::T }>(kind, [wp[0]], xp, xs, blocks) };
+                        unsafe { tile::dot_tile::<1, TT>(self.kind, [w_row(r)], xp, xs, blocks) };
                     for (j, &vv) in v[0].iter().enumerate() {
                         store(t + j, r, vv);
                     }
-                }
-                _ => {
-                    let v =
-                        unsafe { tile::dot_tile::<1, 1>(kind, [wp[0]], [xp[0]], [xs[0]], blocks) };
-                    store(t, r, v[0][0]);
+                    r += 1;
                 }
             }
-            r += rr;
         }
-        t += tt;
     }
 }
 
@@ -410,7 +422,7 @@ mod tests {
     fn tiled_products_are_bit_identical_to_ggml() {
         init();
         let cols = 320;
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q5_0] {
             assert!(tile::kernel_for(ty, 2).is_some() || !cfg!(target_feature = "avx2"));
             for (rows, n) in [(13, 1), (13, 2), (21, 5), (64, 7), (4, 3)] {
                 let w = pseudo_random(cols * rows, rows as u32);
