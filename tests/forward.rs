@@ -166,3 +166,51 @@ fn smollm2_greedy_generation_matches_llama_cpp() {
 fn gemma3_greedy_generation_matches_llama_cpp() {
     greedy_matches_llama_cpp(GEMMA3, false);
 }
+
+/// Logits do not depend on the thread count: every reduction (the tiled and ggml
+/// quantized products, both attention kernels) runs in one fixed order whichever
+/// thread computes it. A 290-token prompt (tiled attention and batched products),
+/// then 10 decode steps.
+fn same_with_1_and_2_threads(name: &str) {
+    let Some(path) = model(name) else { return };
+    let model = Model::load(&path).unwrap();
+    let n_vocab = model.config.n_vocab;
+    let tokens: Vec<u32> = (0..300).map(|i| (i * 7919 % 20_000 + 100) as u32).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut cache = model.new_cache();
+            let mut out = model
+                .forward(&tokens[..290], &mut cache, Logits::All, 1024)
+                .unwrap();
+            for &t in &tokens[290..] {
+                out.extend(model.forward(&[t], &mut cache, Logits::Last, 1024).unwrap());
+            }
+            out
+        })
+    };
+    let (one, two) = (run(1), run(2));
+    assert_eq!(one.len(), 300 * n_vocab);
+    let first_difference = one
+        .iter()
+        .zip(&two)
+        .position(|(a, b)| a.to_bits() != b.to_bits());
+    assert_eq!(
+        first_difference.map(|i| (i / n_vocab, i % n_vocab)),
+        None,
+        "{name}: logits (position, token) differ between 1 and 2 threads"
+    );
+}
+
+#[test]
+fn smollm2_same_with_1_and_2_threads() {
+    same_with_1_and_2_threads(SMOLLM2);
+}
+
+#[test]
+fn gemma3_same_with_1_and_2_threads() {
+    same_with_1_and_2_threads(GEMMA3);
+}

@@ -6,11 +6,13 @@
 //! K-quants) with ggml's `from_float`, then every output element is one call of
 //! ggml's `vec_dot`. Each output element is computed by exactly one call, so results
 //! do not depend on the number of threads.
+mod attend;
 mod gemm;
 mod ops;
 mod tile;
 mod types;
 
+pub use attend::attend_one;
 pub use gemm::{gemm, Mat};
 pub use ops::*;
 pub use types::GgmlType;

@@ -4,7 +4,7 @@ use rayon::prelude::*;
 use half::f16;
 
 use super::{HeadKv, KvShape, LayerKv};
-use crate::kernels::{dot_f16, f16_axpy, f16_scale, softmax_exp8, to_f16};
+use crate::kernels::{attend_one, softmax_exp8, to_f16};
 
 /// Keys per tile (llama.cpp's CPU flash attention uses 64 as well).
 const KV_TILE: usize = 64;
@@ -202,30 +202,17 @@ fn decode_one(
     (q16, acc): &mut (Vec<f16>, Vec<f16>),
     out: &mut [f32],
 ) {
-    let (dk, dv) = (q16.len(), acc.len());
     to_f16(q, q16);
-    acc.fill(f16::ZERO);
-    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
-    for j in start..end {
-        if head.is_masked(j) {
-            continue;
-        }
-        let s = dot_f16(&head.k[j * dk..(j + 1) * dk], q16) * kq_scale;
-        let (mut ms, mut vs) = (1f32, 1f32);
-        if s > m {
-            ms = (m - s).exp();
-            m = s;
-            f16_scale(acc, ms);
-        } else {
-            vs = (s - m).exp();
-        }
-        f16_axpy(acc, &head.v[j * dv..(j + 1) * dv], vs);
-        sum = sum.mul_add(ms, vs);
-    }
-    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for (o, a) in out.iter_mut().zip(acc.iter()) {
-        *o = a.to_f32() * inv;
-    }
+    attend_one(
+        &head.k,
+        &head.v,
+        start..end,
+        q16,
+        kq_scale,
+        |j| head.is_masked(j),
+        acc,
+        out,
+    );
 }
 
 #[cfg(test)]
