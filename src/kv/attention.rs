@@ -26,9 +26,9 @@ const MIN_TILED_BATCH: usize = 64;
 /// bit-identical on the reference models where the matrix products agree too):
 /// - batches of 64 tokens or more: a tiled online softmax in f32 (tiles of 64 keys
 ///   aligned on list indices, fused multiply-adds in ggml's order, its exp
-///   approximation and sum order). Work is split by KV head and blocks of tokens, so
-///   each tile of keys and values is converted from f16 once for every query of the
-///   block;
+///   approximation and sum order). Work is split by blocks of tokens, and within one
+///   by KV head, so each tile of keys and values is converted from f16 once for
+///   every query of the block;
 /// - fewer tokens (decoding, short prompts): one query at a time, see [`decode_one`].
 pub fn attention(
     layer: &LayerKv,
@@ -55,39 +55,31 @@ pub fn attention(
         );
         return;
     }
-    let n_blocks = n.div_ceil(Q_BLOCK);
-    // One result per (KV head, token block): its queries' outputs, written back below.
-    let results: Vec<Vec<f32>> = (0..shape.n_head_kv * n_blocks)
-        .into_par_iter()
-        .map(|task| {
-            let (hk, b) = (task / n_blocks, task % n_blocks);
+    // One task per block of tokens, writing its own rows of the output.
+    out.par_chunks_mut(Q_BLOCK * n_head * dv)
+        .enumerate()
+        .for_each(|(b, rows)| {
             let tokens = b * Q_BLOCK..((b + 1) * Q_BLOCK).min(n);
-            let queries: Vec<(usize, usize)> = tokens
-                .flat_map(|t| (hk * gqa..(hk + 1) * gqa).map(move |h| (t, h)))
-                .collect();
-            let head = &layer.heads[hk];
-            let ranges: Vec<(usize, usize)> = queries
-                .iter()
-                .map(|&(t, _)| visible(head, layer.window, q_pos[t]))
-                .collect();
-            let qs: Vec<&[f32]> = queries
-                .iter()
-                .map(|&(t, h)| &q[(t * n_head + h) * dk..(t * n_head + h + 1) * dk])
-                .collect();
-            block_attention(head, dk, dv, &qs, &ranges, kq_scale)
-        })
-        .collect();
-    for (task, res) in results.iter().enumerate() {
-        let (hk, b) = (task / n_blocks, task % n_blocks);
-        let tokens = b * Q_BLOCK..((b + 1) * Q_BLOCK).min(n);
-        let mut chunks = res.chunks_exact(dv);
-        for t in tokens {
-            for h in hk * gqa..(hk + 1) * gqa {
-                let o = &mut out[(t * n_head + h) * dv..(t * n_head + h + 1) * dv];
-                o.copy_from_slice(chunks.next().expect("one output per query"));
+            for (hk, head) in layer.heads.iter().enumerate() {
+                let queries: Vec<(usize, usize)> = tokens
+                    .clone()
+                    .flat_map(|t| (hk * gqa..(hk + 1) * gqa).map(move |h| (t, h)))
+                    .collect();
+                let ranges: Vec<(usize, usize)> = queries
+                    .iter()
+                    .map(|&(t, _)| visible(head, layer.window, q_pos[t]))
+                    .collect();
+                let qs: Vec<&[f32]> = queries
+                    .iter()
+                    .map(|&(t, h)| &q[(t * n_head + h) * dk..(t * n_head + h + 1) * dk])
+                    .collect();
+                let res = block_attention(head, dk, dv, &qs, &ranges, kq_scale);
+                for (&(t, h), o) in queries.iter().zip(res.chunks_exact(dv)) {
+                    let row = (t - tokens.start) * n_head + h;
+                    rows[row * dv..(row + 1) * dv].copy_from_slice(o);
+                }
             }
-        }
-    }
+        });
 }
 
 /// The list indices a query at position `p` may attend to.

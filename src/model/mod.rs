@@ -77,6 +77,10 @@ struct Layer {
 /// of n_embd values, the `attn_norm` output).
 pub type AttnInputTap<'a> = &'a mut dyn FnMut(usize, &[f32]);
 
+/// Tokens whose feed-forward activations are computed together (a multiple of the
+/// matrix tiles' 4 tokens, so the results equal one pass over all tokens).
+const FFN_BLOCK: usize = 128;
+
 /// Which positions of a batch need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -297,8 +301,8 @@ impl Model {
         let mut v = vec![0f32; n * nkv * hdv];
         let mut attn = vec![0f32; n * nh * hdv];
         let mut o = vec![0f32; n * d];
-        let mut gate = vec![0f32; n * c.n_ff];
-        let mut up = vec![0f32; n * c.n_ff];
+        let mut gate = vec![0f32; n.min(FFN_BLOCK) * c.n_ff];
+        let mut up = vec![0f32; n.min(FFN_BLOCK) * c.n_ff];
 
         for (il, l) in self.layers.iter().enumerate() {
             // Attention block.
@@ -365,23 +369,32 @@ impl Model {
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
-            // Feed-forward block.
+            // Feed-forward block, FFN_BLOCK tokens at a time (each token's result is
+            // the same either way): its intermediate activations, the widest of the
+            // layer, then take FFN_BLOCK rows of memory instead of n.
             norm_rows(&x, &l.ffn_norm, c.rms_eps, &mut xn, d);
-            matmuls(
-                &mut [
-                    (self.mat(&l.ffn_gate), &mut gate),
-                    (self.mat(&l.ffn_up), &mut up),
-                ],
-                &mut Activations::new(&xn, n, d),
-            );
-            for (g, u) in gate.chunks_exact_mut(c.n_ff).zip(up.chunks_exact(c.n_ff)) {
-                match c.activation {
-                    Activation::SwiGlu => kernels::swiglu(g, u),
-                    Activation::GeGlu => kernels::geglu(g, u),
+            for t0 in (0..n).step_by(FFN_BLOCK) {
+                let m = FFN_BLOCK.min(n - t0);
+                let (gate, up) = (&mut gate[..m * c.n_ff], &mut up[..m * c.n_ff]);
+                matmuls(
+                    &mut [
+                        (self.mat(&l.ffn_gate), &mut *gate),
+                        (self.mat(&l.ffn_up), &mut *up),
+                    ],
+                    &mut Activations::new(&xn[t0 * d..(t0 + m) * d], m, d),
+                );
+                for (g, u) in gate.chunks_exact_mut(c.n_ff).zip(up.chunks_exact(c.n_ff)) {
+                    match c.activation {
+                        Activation::SwiGlu => kernels::swiglu(g, u),
+                        Activation::GeGlu => kernels::geglu(g, u),
+                    }
                 }
+                matmul(
+                    &self.mat(&l.ffn_down),
+                    &mut Activations::new(gate, m, c.n_ff),
+                    &mut o[t0 * d..(t0 + m) * d],
+                );
             }
-            let mut acts = Activations::new(&gate, n, c.n_ff);
-            matmul(&self.mat(&l.ffn_down), &mut acts, &mut o);
             if let Some(w) = &l.post_ffn_norm {
                 o.chunks_exact_mut(d)
                     .for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));

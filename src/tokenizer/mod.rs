@@ -94,14 +94,23 @@ struct TokenData {
 #[derive(Debug)]
 pub(crate) struct Vocab {
     tokens: Vec<TokenData>,
-    text_to_id: HashMap<String, u32>,
+    /// Token ids sorted by text (equal texts: the last id first), for lookups by
+    /// binary search: a second copy of every text in a hash map would cost
+    /// megabytes of resident memory (tens for a 262k vocabulary).
+    by_text: Vec<u32>,
     /// SPM byte fallback: the token for each byte (`<0xXX>`, else the byte itself).
     byte_tokens: [Option<u32>; 256],
 }
 
 impl Vocab {
+    /// The id of the token with this text (the last one, if several have it, as
+    /// in llama.cpp).
     pub(crate) fn lookup(&self, text: &str) -> Option<u32> {
-        self.text_to_id.get(text).copied()
+        let i = self
+            .by_text
+            .partition_point(|&id| self.tokens[id as usize].text.as_str() < text);
+        let id = *self.by_text.get(i)?;
+        (self.tokens[id as usize].text == text).then_some(id)
     }
     pub(crate) fn score(&self, id: u32) -> f32 {
         self.tokens[id as usize].score
@@ -311,7 +320,6 @@ fn read_vocab(gguf: &GgufFile) -> Result<Vocab, TokenizerError> {
     check_len("tokenizer.ggml.token_type", types.as_deref(), n)?;
 
     let mut tokens = Vec::with_capacity(n);
-    let mut text_to_id = HashMap::with_capacity(n);
     for (i, text) in texts.iter().enumerate() {
         // llama.cpp renames empty tokens so that every text is a distinct key.
         let text = if text.is_empty() {
@@ -319,8 +327,6 @@ fn read_vocab(gguf: &GgufFile) -> Result<Vocab, TokenizerError> {
         } else {
             text.to_string()
         };
-        // A duplicated text maps to its last id, as in llama.cpp.
-        text_to_id.insert(text.clone(), i as u32);
         tokens.push(TokenData {
             text,
             score: scores.as_ref().map_or(0.0, |s| s[i]),
@@ -329,9 +335,17 @@ fn read_vocab(gguf: &GgufFile) -> Result<Vocab, TokenizerError> {
                 .map_or(attr::NORMAL, |t| attr::from_token_type(t[i])),
         });
     }
+    // A duplicated text maps to its last id, as in llama.cpp.
+    let mut by_text: Vec<u32> = (0..n as u32).collect();
+    by_text.sort_unstable_by(|&a, &b| {
+        tokens[a as usize]
+            .text
+            .cmp(&tokens[b as usize].text)
+            .then(b.cmp(&a))
+    });
     Ok(Vocab {
         tokens,
-        text_to_id,
+        by_text,
         byte_tokens: [None; 256],
     })
 }
