@@ -4,8 +4,10 @@
 //! Matrix products follow llama.cpp's CPU recipe exactly: the activations are
 //! converted once to the weight type's `vec_dot_type` (e.g. Q8_0 for Q4_0, Q8_K for
 //! K-quants) with ggml's `from_float`, then every output element is one call of
-//! ggml's `vec_dot`. Each output element is computed by exactly one call, so results
-//! do not depend on the number of threads.
+//! ggml's `vec_dot`, or, for the types that dominate the reference models, one lane
+//! of a register tile ([`tile`]) that performs that call's float operations in its
+//! order. Each output element is computed once, in one fixed order, so results do
+//! not depend on the number of threads.
 mod attend;
 mod gemm;
 mod ops;
@@ -230,8 +232,9 @@ fn vec_dot_rows(
 
 /// Rows `rows` of `w` against every token with the tiled kernel: tiles of
 /// `tile::R` rows x `tile::T` tokens while `tile::T` tokens remain, then the rest
-/// one token at a time in tiles of `tile::R_ONE` rows. `scales` are the
-/// activations' [`tile::activation_scales`].
+/// one token at a time in tiles of `tile::R_ONE` rows (or one, see
+/// [`tile::one_row_at_a_time`]). `scales` are the activations'
+/// [`tile::activation_scales`].
 fn tiled_rows(
     kind: tile::Kind,
     w: &QMatrix,
@@ -250,7 +253,11 @@ fn tiled_rows(
     };
     let batched = n / tile::T * tile::T;
     x.pass::<{ tile::R }, { tile::T }>(0..batched, rows.clone(), store);
-    x.pass::<{ tile::R_ONE }, 1>(batched..n, rows, store);
+    if tile::one_row_at_a_time(kind) {
+        x.pass::<1, 1>(batched..n, rows, store);
+    } else {
+        x.pass::<{ tile::R_ONE }, 1>(batched..n, rows, store);
+    }
 }
 
 /// What every tile of one product reads.

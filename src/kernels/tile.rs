@@ -1,5 +1,5 @@
 //! Register-tiled dot products for the weight types that dominate the reference
-//! models (Q4_1 against Q8_1 activations, Q8_0 against Q8_0), with AVX2.
+//! models (Q4_1 against Q8_1 activations, Q5_0 and Q8_0 against Q8_0), with AVX2.
 //!
 //! ggml's `vec_dot` computes one output per call: every call unpacks its weight
 //! row's nibbles, loads the activation row and reduces. A tile computes `R` weight
@@ -22,9 +22,9 @@ pub(super) const T: usize = 4;
 pub(super) const R_ONE: usize = 4;
 
 /// The tiled kernel for a weight type and number of tokens, if there is one in this
-/// build that beats ggml's. A Q8_0 row does no per-row work a tile could share
-/// except the activation load, and with one token ggml's row-by-row order streams
-/// from memory faster, so Q8_0 is tiled only for batches.
+/// build that beats ggml's. With one token a Q5_0 tile shares nothing but the
+/// activation load, and ggml's row-by-row order streams from memory as fast, so
+/// Q5_0 is tiled only for batches.
 pub(super) fn kernel_for(ty: GgmlType, n_tokens: usize) -> Option<Kind> {
     if !cfg!(all(
         target_arch = "x86_64",
@@ -36,10 +36,18 @@ pub(super) fn kernel_for(ty: GgmlType, n_tokens: usize) -> Option<Kind> {
     }
     match ty {
         GgmlType::Q4_1 => Some(Kind::Q4_1),
-        GgmlType::Q8_0 if n_tokens > 1 => Some(Kind::Q8_0),
+        GgmlType::Q8_0 => Some(Kind::Q8_0),
         GgmlType::Q5_0 if n_tokens > 1 => Some(Kind::Q5_0),
         _ => None,
     }
+}
+
+/// Whether single tokens take this kind's weight rows one at a time: a Q8_0 row
+/// has nothing to unpack that several tokens could share, and one row after the
+/// other streams from memory best (measured against 4-row tiles); the kernel still
+/// beats ggml's by prefetching and by having the activation scales in f32.
+pub(super) fn one_row_at_a_time(kind: Kind) -> bool {
+    kind == Kind::Q8_0
 }
 
 /// The weight types with a tiled kernel.
@@ -70,7 +78,7 @@ pub(super) fn activation_scales(kind: Kind, xq: &[u8]) -> Vec<f32> {
 
 /// `out[r][t] = dot(w[r], x[t])` for `RR` (at most 4) weight rows and `TT`
 /// activation rows of `blocks` blocks each, in the formats of `kind` (Q4_1 weights
-/// with Q8_1 activations, or Q8_0 with Q8_0); `xs[t]` points to token t's
+/// with Q8_1 activations, Q5_0 or Q8_0 with Q8_0); `xs[t]` points to token t's
 /// [`activation_scales`].
 ///
 /// # Safety
@@ -190,6 +198,7 @@ mod avx2 {
         xs: [*const f32; TT],
         nb: usize,
     ) -> [[f32; TT]; RR] {
+        const { assert!(RR <= 4, "the scales of at most 4 rows fit one vector") };
         // SAFETY: the caller guarantees `nb` readable blocks and scales behind every
         // pointer; the rest are register-only intrinsics.
         unsafe {
@@ -282,6 +291,7 @@ mod avx2 {
         nb: usize,
         unpack: unsafe fn(*const u8) -> __m256i,
     ) -> [[f32; TT]; RR] {
+        const { assert!(RR <= 4, "the scales of at most 4 rows fit one vector") };
         // SAFETY: as in `q4_1_q8_1`.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); TT]; RR];

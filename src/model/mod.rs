@@ -77,8 +77,9 @@ struct Layer {
 /// of n_embd values, the `attn_norm` output).
 pub type AttnInputTap<'a> = &'a mut dyn FnMut(usize, &[f32]);
 
-/// Tokens whose feed-forward activations are computed together (a multiple of the
-/// matrix tiles' 4 tokens, so the results equal one pass over all tokens).
+/// Tokens whose feed-forward activations are computed together. Every product is
+/// per token (and bit-identical in every tile shape), so the block size changes
+/// memory, not results.
 const FFN_BLOCK: usize = 128;
 
 /// Which positions of a batch need logits.
