@@ -3,8 +3,9 @@
 mod common;
 
 use common::*;
+use fastkv::kv::Policy;
 use fastkv::model::Model;
-use fastkv::session::Session;
+use fastkv::session::{EvictionConfig, Session};
 use fastkv::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use ggml_sys::reference::{RefContext, RefContextParams, RefModel};
 
@@ -93,4 +94,68 @@ fn truncating_the_cache_forgets_the_tail() {
     assert_eq!(fed, 10);
     let mut b = Session::new(&model, 256);
     assert_eq!(got, b.feed(&other).unwrap());
+}
+
+/// Sessions decoding together in one forward pass (a server's slots) get exactly
+/// the logits, tokens and cache they would get decoding alone, with and without a
+/// decode budget evicting as they go.
+#[test]
+fn batched_decode_matches_decoding_alone() {
+    for name in [SMOLLM2, GEMMA3] {
+        let Some(path) = model(name) else { return };
+        let model = Model::load(&path).unwrap();
+        for budget in [None, Some(132)] {
+            let prompts: Vec<Vec<u32>> = (0..3u32)
+                .map(|s| {
+                    (0..100 + 17 * s)
+                        .map(|i| 300 + (i * 37 + s * 101) % 9000)
+                        .collect()
+                })
+                .collect();
+            let new_session = |p: &[u32]| {
+                let mut s = Session::new(&model, 512);
+                if let Some(b) = budget {
+                    let mut cfg = EvictionConfig::new(Policy::H2o, 1.0);
+                    cfg.budget = Some(b);
+                    s.set_eviction(cfg).unwrap();
+                }
+                let logits = s.feed(p).unwrap();
+                (s, logits)
+            };
+            let (mut alone, mut together): (Vec<_>, Vec<_>) = prompts
+                .iter()
+                .map(|p| (new_session(p), new_session(p)))
+                .unzip();
+            // With a budget, run past the second enforcement (every 128 tokens).
+            let steps = if budget.is_some() { 160 } else { 40 };
+            for step in 0..steps {
+                let next: Vec<u32> = alone.iter().map(|(_, l)| argmax(l) as u32).collect();
+                for ((s, l), &t) in alone.iter_mut().zip(&next) {
+                    *l = s.feed(&[t]).unwrap();
+                }
+                let mut batch: Vec<(&mut Session, u32)> = together
+                    .iter_mut()
+                    .zip(&next)
+                    .map(|((s, _), &t)| (s, t))
+                    .collect();
+                let out = Session::decode_batch(&mut batch).unwrap();
+                for (i, ((a, la), (b, _))) in alone.iter().zip(&out).zip(&together).enumerate() {
+                    assert_eq!(
+                        la, &a.1,
+                        "{name}, budget {budget:?}, step {step}, sequence {i}"
+                    );
+                    assert_eq!(a.0.tokens(), b.tokens());
+                    assert_eq!(a.0.kv_bytes(), b.kv_bytes());
+                }
+                for ((_, l), o) in together.iter_mut().zip(out) {
+                    *l = o;
+                }
+            }
+            if budget.is_some() {
+                for (s, _) in &alone {
+                    assert!(s.kv_bytes() < s.cache().full_bytes(), "the budget evicted");
+                }
+            }
+        }
+    }
 }

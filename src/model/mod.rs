@@ -74,8 +74,29 @@ struct Layer {
 }
 
 /// Receives each layer's attention input during a forward call: (layer index, n rows
-/// of n_embd values, the `attn_norm` output).
-pub type AttnInputTap<'a> = &'a mut dyn FnMut(usize, &[f32]);
+/// of n_embd values, the `attn_norm` output). Any `FnMut(usize, &[f32])` is one.
+pub trait AttnInput {
+    fn attn_input(&mut self, layer: usize, x: &[f32]);
+}
+
+impl<F: FnMut(usize, &[f32])> AttnInput for F {
+    fn attn_input(&mut self, layer: usize, x: &[f32]) {
+        self(layer, x)
+    }
+}
+
+pub type AttnInputTap<'a> = &'a mut dyn AttnInput;
+
+/// One sequence of a [`Model::forward_batch`] call: its new tokens, the cache they
+/// continue, and what [`Model::forward_observed`] takes besides.
+pub struct Sequence<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: Logits,
+    pub n_ctx: usize,
+    pub probe: Option<&'a Probe>,
+    pub attn_input: Option<AttnInputTap<'a>>,
+}
 
 /// Tokens whose feed-forward activations are computed together. Every product is
 /// per token (and bit-identical in every tile shape), so the block size changes
@@ -258,38 +279,66 @@ impl Model {
     /// `n` rows of `n_embd`) to that function, with the layer index: the Fast KVzip
     /// gates read it. Neither changes any output: eviction uses them, the model does
     /// not.
-    pub fn forward_observed(
+    pub fn forward_observed<'a>(
         &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
+        tokens: &'a [u32],
+        cache: &'a mut KvCache,
         logits: Logits,
         n_ctx: usize,
-        probe: Option<&Probe>,
-        mut attn_input: Option<AttnInputTap<'_>>,
+        probe: Option<&'a Probe>,
+        attn_input: Option<AttnInputTap<'a>>,
     ) -> Result<Vec<f32>, ModelError> {
+        let mut seq = [Sequence {
+            tokens,
+            cache,
+            logits,
+            n_ctx,
+            probe,
+            attn_input,
+        }];
+        Ok(self.forward_batch(&mut seq)?.pop().unwrap_or_default())
+    }
+
+    /// Run several sequences, each continuing its own cache, through the model in one
+    /// pass: the weights are read once for all their tokens (a server decoding one
+    /// token for each of its conversations). Returns each sequence's logits as
+    /// [`Model::forward_observed`] would. Every product and attention is per token,
+    /// so each sequence's results are bit-identical to running it alone.
+    pub fn forward_batch(&self, seqs: &mut [Sequence<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.config;
-        let n = tokens.len();
+        for s in seqs.iter() {
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+                return Err(ModelError::BadToken(bad));
+            }
+            if s.cache.n_seen() + s.tokens.len() > s.n_ctx {
+                return Err(ModelError::ContextFull {
+                    needed: s.cache.n_seen() + s.tokens.len(),
+                    n_ctx: s.n_ctx,
+                });
+            }
+        }
+        // Sequence i holds rows spans[i] of every activation matrix.
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut n = 0;
+        for s in seqs.iter() {
+            spans.push(n..n + s.tokens.len());
+            n += s.tokens.len();
+        }
         if n == 0 {
-            return Ok(Vec::new());
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-            return Err(ModelError::BadToken(bad));
-        }
-        if cache.n_seen() + n > n_ctx {
-            return Err(ModelError::ContextFull {
-                needed: cache.n_seen() + n,
-                n_ctx,
-            });
+            return Ok(vec![Vec::new(); seqs.len()]);
         }
         let d = c.n_embd;
         let (nh, nkv, hd, hdv) = (c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v);
-        let pos: Vec<u32> = (0..n).map(|t| (cache.n_seen() + t) as u32).collect();
+        let pos: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| (0..s.tokens.len()).map(|t| (s.cache.n_seen() + t) as u32))
+            .collect();
 
         // Token embeddings.
         let mut x = vec![0f32; n * d];
         let embd = self.mat(&self.tok_embd);
-        for (t, &tok) in tokens.iter().enumerate() {
-            let row = &mut x[t * d..(t + 1) * d];
+        let tokens = seqs.iter().flat_map(|s| s.tokens);
+        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
             embd.dequantize_row(tok as usize, row);
             if let Some(s) = c.embed_scale {
                 row.iter_mut().for_each(|v| *v *= s);
@@ -308,8 +357,10 @@ impl Model {
         for (il, l) in self.layers.iter().enumerate() {
             // Attention block.
             norm_rows(&x, &l.attn_norm, c.rms_eps, &mut xn, d);
-            if let Some(f) = attn_input.as_mut() {
-                f(il, &xn);
+            for (s, r) in seqs.iter_mut().zip(&spans) {
+                if let Some(f) = s.attn_input.as_mut() {
+                    f.attn_input(il, &xn[r.start * d..r.end * d]);
+                }
             }
             matmuls(
                 &mut [
@@ -340,26 +391,35 @@ impl Model {
                     }
                 }
             }
-            cache.append(il, n, &k, &v);
-            kv::attention(
-                &cache.layers[il],
-                &cache.shape,
-                nh,
-                &q,
-                &pos,
-                c.attn_scale,
-                &mut attn,
-            );
-            if let Some(probe) = probe.filter(|_| cache.layers[il].is_evictable()) {
-                kv::observe(
-                    &mut cache.layers[il],
+            for (s, r) in seqs.iter_mut().zip(&spans) {
+                let cache = &mut *s.cache;
+                let (q, pos) = (&q[r.start * nh * hd..r.end * nh * hd], &pos[r.clone()]);
+                cache.append(
+                    il,
+                    r.len(),
+                    &k[r.start * nkv * hd..r.end * nkv * hd],
+                    &v[r.start * nkv * hdv..r.end * nkv * hdv],
+                );
+                kv::attention(
+                    &cache.layers[il],
                     &cache.shape,
                     nh,
-                    &q,
-                    &pos,
+                    q,
+                    pos,
                     c.attn_scale,
-                    probe,
+                    &mut attn[r.start * nh * hdv..r.end * nh * hdv],
                 );
+                if let Some(probe) = s.probe.filter(|_| cache.layers[il].is_evictable()) {
+                    kv::observe(
+                        &mut cache.layers[il],
+                        &cache.shape,
+                        nh,
+                        q,
+                        pos,
+                        c.attn_scale,
+                        probe,
+                    );
+                }
             }
             let mut acts = Activations::new(&attn, n, nh * hdv);
             matmul(&self.mat(&l.wo), &mut acts, &mut o);
@@ -402,17 +462,31 @@ impl Model {
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
-        cache.advance(n);
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
 
-        // Output head, only for the rows that need logits.
-        let rows: &[f32] = match logits {
-            Logits::None => return Ok(Vec::new()),
-            Logits::Last => &x[(n - 1) * d..],
-            Logits::All => &x,
-        };
+        // Output head, only for the rows that need logits, all sequences together.
+        let wanted: Vec<std::ops::Range<usize>> = seqs
+            .iter()
+            .zip(&spans)
+            .map(|(s, r)| match s.logits {
+                Logits::None => r.end..r.end,
+                Logits::Last => r.end.saturating_sub(1).max(r.start)..r.end,
+                Logits::All => r.clone(),
+            })
+            .collect();
+        let rows: Vec<f32> = wanted
+            .iter()
+            .flat_map(|r| &x[r.start * d..r.end * d])
+            .copied()
+            .collect();
         let m = rows.len() / d;
+        if m == 0 {
+            return Ok(vec![Vec::new(); seqs.len()]);
+        }
         let mut normed = vec![0f32; m * d];
-        norm_rows(rows, &self.output_norm, c.rms_eps, &mut normed, d);
+        norm_rows(&rows, &self.output_norm, c.rms_eps, &mut normed, d);
         let mut out = vec![0f32; m * c.n_vocab];
         matmul(
             &self.mat(&self.output),
@@ -422,7 +496,15 @@ impl Model {
         if let Some(cap) = c.final_softcap {
             out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }
-        Ok(out)
+        let mut at = 0;
+        Ok(wanted
+            .iter()
+            .map(|r| {
+                let len = r.len() * c.n_vocab;
+                at += len;
+                out[at - len..at].to_vec()
+            })
+            .collect())
     }
 }
 

@@ -15,10 +15,16 @@ use rayon::prelude::*;
 use super::Session;
 use crate::gate::Gates;
 use crate::kv::{KvCache, Policy};
-use crate::model::AttnInputTap;
+use crate::model::AttnInput;
 
 /// Tokens scored together (the spec's decode buffer of 128).
 pub const GATE_BATCH: usize = 128;
+
+impl AttnInput for GateScorer {
+    fn attn_input(&mut self, layer: usize, x: &[f32]) {
+        self.push(layer, x);
+    }
+}
 
 /// Gates and the attention inputs waiting for them.
 #[derive(Clone)]
@@ -159,28 +165,30 @@ impl Session<'_> {
             .is_some_and(|g| g.aside || self.eviction.policy == Policy::Gated)
     }
 
-    /// Run `chunk` through the model from position `start`, handing the attention
-    /// inputs to the gates when gating; `forward` is the model call, given the tap.
-    pub(super) fn gate_tap<R>(
-        &mut self,
-        start: usize,
-        n: usize,
-        forward: impl FnOnce(&mut KvCache, Option<AttnInputTap<'_>>) -> R,
-    ) -> R {
+    /// A forward call of `n` tokens from position `start` begins; returns what
+    /// receives the attention inputs (the gates, when gating).
+    pub(super) fn gate_begin(&mut self, start: usize, n: usize) -> Option<&mut GateScorer> {
         if !self.gating() {
-            return forward(&mut self.cache, None);
+            return None;
         }
         let g = self.gate.as_mut().expect("gating implies gates");
         g.begin(start, n);
-        let mut tap = |il: usize, x: &[f32]| g.push(il, x);
-        let out = forward(&mut self.cache, Some(&mut tap));
+        Some(g)
+    }
+
+    /// The forward call that [`Session::gate_begin`] announced is done: score a full
+    /// buffer and write what is scored to the cache.
+    pub(super) fn gate_end(&mut self) {
+        if !self.gating() {
+            return;
+        }
+        let g = self.gate.as_mut().expect("gating implies gates");
         if g.n_pending() >= GATE_BATCH {
             g.flush();
         }
         if !g.aside {
             g.apply(&mut self.cache);
         }
-        out
     }
 
     /// Score every buffered token now and write the scores to the cache (before

@@ -12,7 +12,7 @@ pub use gating::GATE_BATCH;
 use gating::GateScorer;
 
 use crate::kv::{KvCache, Probe};
-use crate::model::{Logits, Model, ModelError};
+use crate::model::{Logits, Model, ModelError, Sequence};
 
 /// Default number of tokens per prefill call: large enough to amortise reading the
 /// weights, small enough to bound scratch memory.
@@ -145,14 +145,85 @@ impl<'m> Session<'m> {
         probe: Option<Probe>,
     ) -> Result<Vec<f32>, ModelError> {
         let start = self.cache.n_seen();
-        let (model, n_ctx) = (self.model, self.n_ctx);
-        let out = self.gate_tap(start, chunk.len(), |cache, tap| {
-            model.forward_observed(chunk, cache, logits, n_ctx, probe.as_ref(), tap)
-        })?;
-        self.score_arrivals(start);
-        self.tokens.extend_from_slice(chunk);
-        self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
+        self.gate_begin(start, chunk.len());
+        let model = self.model;
+        let out = model.forward_batch(&mut [self.sequence(chunk, logits, probe.as_ref())]);
+        self.forward_done(start, chunk);
+        Ok(out?.pop().unwrap_or_default())
+    }
+
+    /// Decode one token for each of several sessions of one model in a single forward
+    /// pass, so the weights are read once for all of them (a server's decode step).
+    /// Each session ends exactly as `feed(&[token])` would leave it, with the same
+    /// logits (returned in order).
+    pub fn decode_batch(
+        batch: &mut [(&mut Session<'m>, u32)],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let Some(model) = batch.first().map(|(s, _)| s.model) else {
+            return Ok(Vec::new());
+        };
+        assert!(
+            batch.iter().all(|(s, _)| std::ptr::eq(s.model, model)),
+            "sessions of one batch must share their model"
+        );
+        let tokens: Vec<[u32; 1]> = batch.iter().map(|&(_, t)| [t]).collect();
+        let mut probes = Vec::with_capacity(batch.len());
+        let mut starts = Vec::with_capacity(batch.len());
+        for (s, _) in batch.iter_mut() {
+            probes.push(s.budget_probe(1));
+            starts.push(s.cache.n_seen());
+            s.gate_begin(s.cache.n_seen(), 1);
+        }
+        let mut seqs: Vec<Sequence> = batch
+            .iter_mut()
+            .zip(&tokens)
+            .zip(&probes)
+            .map(|(((s, _), t), p)| s.sequence(t, Logits::Last, p.as_ref()))
+            .collect();
+        let out = model.forward_batch(&mut seqs);
+        drop(seqs);
+        for (((s, _), t), start) in batch.iter_mut().zip(&tokens).zip(starts) {
+            s.forward_done(start, t);
+        }
+        let out = out?;
+        for (s, _) in batch.iter_mut() {
+            s.after_feed(1);
+        }
         Ok(out)
+    }
+
+    /// This session's part of a forward call: `tokens` after its cache, with the gates
+    /// receiving the attention inputs when gating (see [`Session::gate_begin`]).
+    fn sequence<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        logits: Logits,
+        probe: Option<&'a Probe>,
+    ) -> Sequence<'a> {
+        let gating = self.gating();
+        Sequence {
+            tokens,
+            cache: &mut self.cache,
+            logits,
+            n_ctx: self.n_ctx,
+            probe,
+            attn_input: match self.gate.as_mut() {
+                Some(g) if gating => Some(g),
+                _ => None,
+            },
+        }
+    }
+
+    /// After a forward call of `chunk` from position `start`: gate scores and arrival
+    /// scores for the new entries, the token list, the peak size. (A failed call
+    /// changed no cache, and `chunk` is then not recorded.)
+    fn forward_done(&mut self, start: usize, chunk: &[u32]) {
+        self.gate_end();
+        if self.cache.n_seen() == start + chunk.len() {
+            self.score_arrivals(start);
+            self.tokens.extend_from_slice(chunk);
+        }
+        self.peak_kv_bytes = self.peak_kv_bytes.max(self.cache.bytes());
     }
 
     /// Make the cache hold exactly `prompt`, reusing the longest common prefix with
