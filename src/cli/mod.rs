@@ -5,6 +5,7 @@ mod eval;
 mod inspect;
 mod perplexity;
 mod run;
+mod serve;
 mod train_gates;
 
 use std::path::{Path, PathBuf};
@@ -53,6 +54,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Train Fast KVzip gates for a model on a text corpus (forward passes only).
     TrainGates(train_gates::TrainGatesArgs),
+    /// An OpenAI-compatible HTTP server with a chat page (llama-server's routes).
+    Serve(serve::ServeArgs),
 }
 
 /// Flags shared by every command that runs a model.
@@ -285,7 +288,11 @@ impl SamplingArgs {
 }
 
 pub fn main() -> Result<()> {
-    let cli = Cli::parse();
+    // llama.cpp's two-letter short flags, which clap cannot declare.
+    let cli = Cli::parse_from(std::env::args_os().map(|a| match a.to_str() {
+        Some("-np") => "--parallel".into(),
+        _ => a,
+    }));
     if let Some(t) = cli.command.threads() {
         if t == 0 {
             bail!("-t/--threads must be at least 1");
@@ -308,6 +315,7 @@ pub fn main() -> Result<()> {
         Command::Bench(a) => bench::bench(a),
         Command::Eval(a) => eval::eval(a),
         Command::TrainGates(a) => train_gates::train_gates(a),
+        Command::Serve(a) => serve::serve(a),
     })
 }
 
@@ -326,6 +334,7 @@ impl Command {
                 eval::EvalCommand::Sweep(e) => e.common.model.threads,
             },
             Command::TrainGates(a) => a.model.threads,
+            Command::Serve(a) => a.model.threads,
         }
     }
 }
@@ -360,7 +369,8 @@ pub fn resolve_model(m: Option<&Path>) -> Result<PathBuf> {
 /// A model and its tokenizer, loaded per the shared flags.
 pub struct Loaded {
     pub model: Model,
-    pub tokenizer: Tokenizer,
+    /// Shared with the server's HTTP handlers.
+    pub tokenizer: Arc<Tokenizer>,
     pub path: PathBuf,
 }
 
@@ -398,7 +408,7 @@ impl ModelArgs {
         }
         Ok(Loaded {
             model,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             path,
         })
     }

@@ -1,0 +1,106 @@
+//! `fastkv serve`: the OpenAI-compatible server (see [`crate::server`]), with
+//! llama-server's flag names.
+use anyhow::{bail, Result};
+use clap::Args;
+
+use super::{KvArgs, ModelArgs};
+use crate::server::engine::Engine;
+use crate::server::{self, Ready, ServerConfig};
+use crate::session::Session;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
+    /// Address to listen on (loopback unless told otherwise).
+    #[arg(long = "host", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long = "port", default_value_t = 8080)]
+    pub port: u16,
+    /// Conversations served at once (also `-np`, as in llama-server); each slot
+    /// keeps its own KV cache of up to -c tokens between requests.
+    #[arg(long = "parallel", default_value_t = 1)]
+    pub parallel: usize,
+    /// Requests that may wait for a free slot; more are refused with 503.
+    #[arg(long = "max-queue", default_value_t = 8)]
+    pub max_queue: usize,
+    /// Most tokens per reply when a request sets no max_tokens (-1: until the end of
+    /// generation or a full context).
+    #[arg(long = "n-predict", default_value_t = 1024, allow_negative_numbers = true)]
+    pub n_predict: i64,
+    /// Require `Authorization: Bearer KEY` on every route but /health and /.
+    #[arg(long = "api-key")]
+    pub api_key: Option<String>,
+    /// Serve Prometheus metrics at /metrics.
+    #[arg(long = "metrics")]
+    pub metrics: bool,
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    if a.parallel == 0 {
+        bail!("-np/--parallel must be at least 1");
+    }
+    let n_predict = match a.n_predict {
+        -1 => None,
+        n if n >= 1 => Some(n as usize),
+        n => bail!("--n-predict must be at least 1, or -1 for no limit; got {n}"),
+    };
+    // Fail on bad eviction flags before loading anything.
+    let seed = 0;
+    a.kv.config(seed)?;
+    let listening = server::listen(ServerConfig {
+        host: a.host.clone(),
+        port: a.port,
+        api_key: a.api_key.clone(),
+        metrics: a.metrics,
+    })?;
+    let loopback = listening.addr.ip().is_loopback();
+    if !loopback && a.api_key.is_none() {
+        eprintln!(
+            "warning: listening on {} without --api-key: anyone who can reach it can use it",
+            listening.addr
+        );
+    }
+    eprintln!("fastkv serve: listening on http://{}", listening.addr);
+
+    let l = a.model.load()?;
+    let template = l.template();
+    let n_ctx = a.model.n_ctx(&l.model);
+    let mut proto = Session::new(&l.model, n_ctx);
+    a.kv.apply(&mut proto, &l, seed, Some(&template))?;
+    let compress = proto.eviction().is_active();
+    let (jobs, inbox) = std::sync::mpsc::channel();
+    let tokenizer = l.tokenizer.clone();
+    let model_id = l
+        .path
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    listening.set_ready(Ready {
+        tokenizer: tokenizer.clone(),
+        template,
+        model_id: model_id.clone(),
+        n_ctx,
+        n_slots: a.parallel,
+        max_queue: a.max_queue,
+        compress,
+        jobs,
+    });
+    eprintln!(
+        "fastkv serve: {model_id} ready, {} slot(s) of {n_ctx} tokens, KV policy {}",
+        a.parallel,
+        proto.eviction().policy
+    );
+    let new_session = Box::new(move || proto.clone());
+    let mut engine = Engine::new(
+        &tokenizer,
+        a.parallel,
+        new_session,
+        n_predict,
+        listening.counters(),
+    );
+    engine.run(inbox);
+    Ok(())
+}

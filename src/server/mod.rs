@@ -1,0 +1,518 @@
+//! `fastkv serve`: an OpenAI-compatible HTTP server (llama-server's routes and
+//! conventions) on axum. The HTTP side parses, validates and tokenizes; one engine
+//! thread ([`engine`]) owns the slots and runs the model; they talk through channels.
+//!
+//! The engine must run on a rayon pool thread (the CLI runs every command on one):
+//! a parallel loop started from elsewhere pays a scheduler round trip per product.
+pub mod api;
+pub mod engine;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tower_http::catch_panic::CatchPanicLayer;
+
+use api::{ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, GenParams, TokenizeRequest};
+use engine::{Event, Finish, Job, Permit};
+use metrics::Counters;
+
+use crate::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+
+/// Largest request body accepted (a long document fits many times over).
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// A system message of at least this many tokens is a document: with an eviction
+/// policy it is compressed once per slot and reused by the requests that follow.
+pub const DOCUMENT_MIN_TOKENS: usize = 256;
+
+/// The chat page served at `/`.
+const PAGE: &str = include_str!("page.html");
+
+/// How the server listens.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Required as `Authorization: Bearer KEY` on every route but `/health` and `/`.
+    pub api_key: Option<String>,
+    /// Serve `/metrics`.
+    pub metrics: bool,
+}
+
+/// What the handlers need once the model is loaded.
+pub struct Ready {
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: ChatTemplate,
+    /// The model's name in the API (its file name without `.gguf`).
+    pub model_id: String,
+    /// Tokens of context per slot.
+    pub n_ctx: usize,
+    pub n_slots: usize,
+    /// Requests that may wait for a slot; more get 503.
+    pub max_queue: usize,
+    /// Whether an eviction policy is on (documents are then compressed).
+    pub compress: bool,
+    pub jobs: Sender<Job>,
+}
+
+struct AppState {
+    cfg: ServerConfig,
+    ready: OnceLock<Ready>,
+    counters: Arc<Counters>,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    fn ready(&self) -> Result<&Ready, ApiError> {
+        self.ready
+            .get()
+            .ok_or_else(|| ApiError::unavailable("Loading model"))
+    }
+}
+
+/// A server that is listening (and answering 503 until [`Listening::set_ready`]).
+pub struct Listening {
+    state: Arc<AppState>,
+    pub addr: SocketAddr,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Listening {
+    pub fn counters(&self) -> Arc<Counters> {
+        self.state.counters.clone()
+    }
+
+    /// The model is loaded: requests are served from now on.
+    pub fn set_ready(&self, ready: Ready) {
+        let _ = self.state.ready.set(ready);
+    }
+}
+
+/// Bind the address and start answering HTTP on a small tokio runtime of its own.
+pub fn listen(cfg: ServerConfig) -> Result<Listening> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("fastkv-http")
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port)))
+        .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(AppState {
+        cfg,
+        ready: OnceLock::new(),
+        counters: Arc::new(Counters::default()),
+        next_id: AtomicU64::new(1),
+    });
+    let app = router(state.clone());
+    runtime.spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("error: the HTTP server stopped: {e}");
+        }
+    });
+    Ok(Listening {
+        state,
+        addr,
+        _runtime: runtime,
+    })
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("internal error while handling the request").into_response()
+        }))
+        .with_state(state)
+}
+
+/// `--api-key`: every route but the health check and the page needs the key.
+async fn authorize(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let open = matches!(req.uri().path(), "/health" | "/");
+    if let (Some(key), false) = (&app.cfg.api_key, open) {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn health(State(app): State<Arc<AppState>>) -> Response {
+    match app.ready() {
+        Ok(_) => Json(json!({"status": "ok"})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn models(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let r = app.ready()?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": r.model_id,
+            "object": "model",
+            "created": unix_time(),
+            "owned_by": "fastkv",
+            "meta": {"n_ctx": r.n_ctx, "n_slots": r.n_slots},
+        }],
+    })))
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    if !app.cfg.metrics {
+        return ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_supported_error",
+            "metrics are off: start the server with --metrics",
+        )
+        .into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.counters.render(),
+    )
+        .into_response()
+}
+
+/// A body, or the OpenAI-style error for one that could not be read (too large).
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body larger than {MAX_BODY_BYTES} bytes")
+        } else {
+            e.body_text()
+        };
+        ApiError::new(status, "invalid_request_error", message)
+    })
+}
+
+async fn tokenize(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let r = app.ready()?;
+    let req: TokenizeRequest = api::parse_body(&body_bytes(body)?)?;
+    let tokens = r.tokenizer.encode(&req.content, req.add_special, true);
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+async fn detokenize(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let r = app.ready()?;
+    let req: DetokenizeRequest = api::parse_body(&body_bytes(body)?)?;
+    let n_vocab = r.tokenizer.n_vocab();
+    let ids = req
+        .tokens
+        .iter()
+        .map(|&t| {
+            u32::try_from(t)
+                .ok()
+                .filter(|&t| (t as usize) < n_vocab)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "token {t} is outside the vocabulary (0..{n_vocab})"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<u32>, ApiError>>()?;
+    Ok(Json(json!({ "content": r.tokenizer.decode(&ids, true) })))
+}
+
+/// Chat or text completion: the two differ in prompt and response shapes only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+async fn chat_completions(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let r = app.ready()?;
+    let req: ChatRequest = api::parse_body(&body_bytes(body)?)?;
+    let params = req.common.validate(&r.model_id, random_seed())?;
+    let messages = req.chat_messages()?;
+    let render = |m: &[ChatMessage], open: bool| {
+        r.template
+            .render(m, open)
+            .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))
+    };
+    let rendered = render(&messages, true)?;
+    let encode = |text: &str| {
+        let tok = &r.tokenizer;
+        // Templates that write the BOS token themselves must not get a second one.
+        let writes_bos = tok
+            .bos()
+            .and_then(|b| tok.token_text(b))
+            .is_some_and(|b| text.starts_with(b));
+        tok.encode(text, tok.add_bos() && !writes_bos, true)
+    };
+    let prompt = encode(&rendered);
+    // A long opening system message is a document to compress once and reuse: its
+    // rendered turn must tokenize as the prompt's first tokens.
+    let mut document = None;
+    if r.compress && messages.len() > 1 && messages[0].role == "system" {
+        let system = encode(&render(&messages[..1], false)?);
+        if system.len() >= DOCUMENT_MIN_TOKENS && prompt.starts_with(&system) {
+            document = Some(0..system.len());
+        }
+    }
+    generate(&app, r, Kind::Chat, prompt, document, params).await
+}
+
+async fn completions(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let r = app.ready()?;
+    let req: CompletionRequest = api::parse_body(&body_bytes(body)?)?;
+    let params = req.common.validate(&r.model_id, random_seed())?;
+    let prompt = r.tokenizer.encode(&req.prompt_text()?, true, true);
+    generate(&app, r, Kind::Text, prompt, None, params).await
+}
+
+/// Queue the job and answer: one JSON response, or a stream of events.
+async fn generate(
+    app: &AppState,
+    r: &Ready,
+    kind: Kind,
+    prompt: Vec<u32>,
+    document: Option<std::ops::Range<usize>>,
+    params: GenParams,
+) -> Result<Response, ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty"));
+    }
+    if prompt.len() >= r.n_ctx {
+        return Err(ApiError::bad_request(format!(
+            "the prompt has {} tokens, more than the context of {} tokens per slot allows \
+             (leave room for the reply, or start the server with a larger -c)",
+            prompt.len(),
+            r.n_ctx
+        )));
+    }
+    let Some(permit) = Permit::acquire(&app.counters, r.n_slots + r.max_queue) else {
+        app.counters.rejected.fetch_add(1, Relaxed);
+        return Err(ApiError::unavailable(format!(
+            "the server is busy: all {} slots are in use and {} requests wait; retry later",
+            r.n_slots, r.max_queue
+        )));
+    };
+    let (tx, events) = unbounded_channel();
+    let stream = params.stream;
+    let include_usage = params.include_usage;
+    let job = Job {
+        prompt,
+        document,
+        params,
+        events: tx,
+        permit,
+    };
+    r.jobs
+        .send(job)
+        .map_err(|_| ApiError::internal("the engine has stopped"))?;
+    let reply = Reply {
+        kind,
+        id: format!(
+            "{}-{}",
+            if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
+            app.next_id.fetch_add(1, Relaxed)
+        ),
+        created: unix_time(),
+        model: r.model_id.clone(),
+    };
+    if stream {
+        Ok(reply.stream(events, include_usage).into_response())
+    } else {
+        reply.collect(events).await.map(IntoResponse::into_response)
+    }
+}
+
+/// The fields every response and chunk of one request share.
+struct Reply {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Reply {
+    /// Wait for the whole generation; one response.
+    async fn collect(self, mut events: UnboundedReceiver<Event>) -> Result<Json<Value>, ApiError> {
+        let mut text = String::new();
+        while let Some(ev) = events.recv().await {
+            match ev {
+                Event::Piece(p) => text.push_str(&p),
+                Event::Error(e) => return Err(e),
+                Event::Done(f) => {
+                    let choice = match self.kind {
+                        Kind::Chat => json!({
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": f.reason,
+                        }),
+                        Kind::Text => json!({
+                            "index": 0,
+                            "text": text,
+                            "logprobs": null,
+                            "finish_reason": f.reason,
+                        }),
+                    };
+                    let mut body = self.envelope(false, vec![choice]);
+                    body["usage"] = json!(f.usage);
+                    body["timings"] = json!(f.timings);
+                    return Ok(Json(body));
+                }
+            }
+        }
+        Err(ApiError::internal("generation ended without a result"))
+    }
+
+    /// Server-Sent Events: a chunk per piece of text, a last chunk with the finish
+    /// reason and timings, the usage when asked, then `[DONE]`. When the client goes,
+    /// the stream is dropped, the forwarding task ends, and with it the engine's
+    /// channel: the slot is freed at its next step.
+    fn stream(
+        self,
+        mut events: UnboundedReceiver<Event>,
+        include_usage: bool,
+    ) -> Sse<tokio_stream::wrappers::ReceiverStream<Result<SseEvent, std::convert::Infallible>>>
+    {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let send = |data: String| {
+                let tx = tx.clone();
+                async move { tx.send(Ok(SseEvent::default().data(data))).await }
+            };
+            if self.kind == Kind::Chat
+                && send(self.chunk(json!({"role": "assistant", "content": ""}), None).to_string())
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            while let Some(ev) = events.recv().await {
+                let sent = match ev {
+                    Event::Piece(p) => {
+                        let delta = match self.kind {
+                            Kind::Chat => json!({ "content": p }),
+                            Kind::Text => json!(p),
+                        };
+                        send(self.chunk(delta, None).to_string()).await
+                    }
+                    Event::Error(e) => {
+                        let _ = send(e.body().to_string()).await;
+                        return;
+                    }
+                    Event::Done(f) => {
+                        let _ = self.finish(&send, &f, include_usage).await;
+                        return;
+                    }
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+            let e = ApiError::internal("generation ended without a result");
+            let _ = send(e.body().to_string()).await;
+        });
+        Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    async fn finish<F, Fut, E>(&self, send: &F, f: &Finish, include_usage: bool) -> Result<(), E>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let empty = match self.kind {
+            Kind::Chat => json!({}),
+            Kind::Text => json!(""),
+        };
+        let mut last = self.chunk(empty, Some(f.reason));
+        last["timings"] = json!(f.timings);
+        send(last.to_string()).await?;
+        if include_usage {
+            let mut usage = self.envelope(true, Vec::new());
+            usage["usage"] = json!(f.usage);
+            send(usage.to_string()).await?;
+        }
+        send("[DONE]".to_string()).await
+    }
+
+    /// One streamed chunk: a delta (chat) or a piece of text (completion).
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => json!({"index": 0, "delta": delta, "finish_reason": finish_reason}),
+            Kind::Text => {
+                json!({"index": 0, "text": delta, "logprobs": null, "finish_reason": finish_reason})
+            }
+        };
+        self.envelope(true, vec![choice])
+    }
+
+    fn envelope(&self, chunk: bool, choices: Vec<Value>) -> Value {
+        let object = match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+}
+
+fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A seed for requests that give none.
+fn random_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ 0x9e37_79b9_7f4a_7c15
+}
