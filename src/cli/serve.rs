@@ -29,7 +29,11 @@ pub struct ServeArgs {
     pub max_queue: usize,
     /// Most tokens per reply when a request sets no max_tokens (-1: until the end of
     /// generation or a full context).
-    #[arg(long = "n-predict", default_value_t = 1024, allow_negative_numbers = true)]
+    #[arg(
+        long = "n-predict",
+        default_value_t = 1024,
+        allow_negative_numbers = true
+    )]
     pub n_predict: i64,
     /// Require `Authorization: Bearer KEY` on every route but /health and /.
     #[arg(long = "api-key")]

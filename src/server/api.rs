@@ -34,7 +34,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable_error",
+            message,
+        )
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
@@ -231,7 +235,10 @@ impl CommonParams {
             sampler,
             stop,
             stream: self.stream,
-            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
         })
     }
 }
@@ -246,7 +253,10 @@ impl ChatRequest {
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant") {
+                if !matches!(
+                    m.role.as_str(),
+                    "system" | "developer" | "user" | "assistant"
+                ) {
                     return Err(ApiError::bad_request(format!(
                         "messages[{i}].role '{}' is not one of system, user, assistant",
                         m.role

@@ -156,6 +156,7 @@ impl<'m, 't> Engine<'m, 't> {
             // Clients that left while waiting.
             self.queue.retain(|j| !j.events.is_closed());
             self.admit();
+            self.publish();
             self.step();
             self.publish();
         }
@@ -173,10 +174,7 @@ impl<'m, 't> Engine<'m, 't> {
             self.slots[i].last_used = self.clock;
             let started = catch_unwind(AssertUnwindSafe(|| self.start(i, job)));
             match started {
-                Ok(Ok(())) => {}
-                Ok(Err((job, e))) => {
-                    let _ = job.events.send(Event::Error(e));
-                }
+                Ok(()) => {}
                 Err(_) => {
                     // The job went down with the panic (its sender dropped, the
                     // client sees the stream end); the slot's state is suspect.
@@ -208,8 +206,8 @@ impl<'m, 't> Engine<'m, 't> {
     }
 
     /// Prefill `job` in slot `i`: reuse what the slot holds, compress a document it
-    /// does not hold yet, run the rest.
-    fn start(&mut self, i: usize, job: Job) -> Result<(), (Job, ApiError)> {
+    /// does not hold yet, run the rest. A failure is reported to the job's client.
+    fn start(&mut self, i: usize, job: Job) {
         let t0 = Instant::now();
         let session = &mut self.slots[i].session;
         let prompt = &job.prompt;
@@ -247,7 +245,9 @@ impl<'m, 't> Engine<'m, 't> {
             Ok(x) => x,
             Err(e) => {
                 session.clear();
-                return Err((job, ApiError::internal(format!("prefill failed: {e}"))));
+                let e = ApiError::internal(format!("prefill failed: {e}"));
+                let _ = job.events.send(Event::Error(e));
+                return;
             }
         };
         let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -282,7 +282,6 @@ impl<'m, 't> Engine<'m, 't> {
             timings,
             decode_start: Instant::now(),
         });
-        Ok(())
     }
 
     /// Sample a token in every active slot, send its text, finish the requests that
@@ -309,7 +308,8 @@ impl<'m, 't> Engine<'m, 't> {
         let n = batch.len();
         let out = catch_unwind(AssertUnwindSafe(|| Session::decode_batch(&mut batch)));
         drop(batch);
-        self.counters.add_decode(n, t0.elapsed().as_secs_f64() * 1e3);
+        self.counters
+            .add_decode(n, t0.elapsed().as_secs_f64() * 1e3);
         let mut rows = match out {
             Ok(Ok(rows)) => rows.into_iter(),
             Ok(Err(e)) => {
@@ -362,8 +362,7 @@ impl<'m, 't> Engine<'m, 't> {
         }
         let limit = a.job.params.max_tokens.or(self.n_predict);
         let session = &slot.session;
-        if limit.is_some_and(|n| a.n_generated >= n) || session.tokens().len() >= session.n_ctx()
-        {
+        if limit.is_some_and(|n| a.n_generated >= n) || session.tokens().len() >= session.n_ctx() {
             self.finish(i, "length");
             return;
         }

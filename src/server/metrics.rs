@@ -50,15 +50,60 @@ impl Counters {
         let t = *self.totals.lock().unwrap_or_else(|e| e.into_inner());
         let per_s = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
         let metrics: [(&str, &str, &str, f64); 9] = [
-            ("prompt_tokens_total", "counter", "Prompt tokens run through the model (reused ones not counted).", t.prompt_tokens as f64),
-            ("tokens_predicted_total", "counter", "Tokens generated.", t.predicted_tokens as f64),
-            ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s.", per_s(t.prompt_tokens, t.prompt_ms)),
-            ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s (all slots together).", per_s(t.predicted_tokens, t.decode_ms)),
-            ("requests_processing", "gauge", "Requests being generated.", self.processing.load(Relaxed) as f64),
-            ("requests_deferred", "gauge", "Requests waiting for a free slot.", self.deferred.load(Relaxed) as f64),
-            ("requests_rejected_total", "counter", "Requests refused with 503 because the queue was full.", self.rejected.load(Relaxed) as f64),
-            ("kv_bytes", "gauge", "Bytes the slots' KV caches hold.", self.kv_bytes.load(Relaxed) as f64),
-            ("kv_bytes_saved", "gauge", "Bytes KV eviction keeps out of the slots' caches.", self.kv_bytes_saved.load(Relaxed) as f64),
+            (
+                "prompt_tokens_total",
+                "counter",
+                "Prompt tokens run through the model (reused ones not counted).",
+                t.prompt_tokens as f64,
+            ),
+            (
+                "tokens_predicted_total",
+                "counter",
+                "Tokens generated.",
+                t.predicted_tokens as f64,
+            ),
+            (
+                "prompt_tokens_seconds",
+                "gauge",
+                "Average prompt throughput in tokens/s.",
+                per_s(t.prompt_tokens, t.prompt_ms),
+            ),
+            (
+                "predicted_tokens_seconds",
+                "gauge",
+                "Average generation throughput in tokens/s (all slots together).",
+                per_s(t.predicted_tokens, t.decode_ms),
+            ),
+            (
+                "requests_processing",
+                "gauge",
+                "Requests being generated.",
+                self.processing.load(Relaxed) as f64,
+            ),
+            (
+                "requests_deferred",
+                "gauge",
+                "Requests waiting for a free slot.",
+                self.deferred.load(Relaxed) as f64,
+            ),
+            (
+                "requests_rejected_total",
+                "counter",
+                "Requests refused with 503 because the queue was full.",
+                self.rejected.load(Relaxed) as f64,
+            ),
+            (
+                "kv_bytes",
+                "gauge",
+                "Bytes the slots' KV caches hold.",
+                self.kv_bytes.load(Relaxed) as f64,
+            ),
+            (
+                "kv_bytes_saved",
+                "gauge",
+                "Bytes KV eviction keeps out of the slots' caches.",
+                self.kv_bytes_saved.load(Relaxed) as f64,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in metrics {

@@ -28,7 +28,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use api::{ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, GenParams, TokenizeRequest};
+use api::{
+    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, GenParams, TokenizeRequest,
+};
 use engine::{Event, Finish, Job, Permit};
 use metrics::Counters;
 
@@ -352,7 +354,11 @@ async fn generate(
         kind,
         id: format!(
             "{}-{}",
-            if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
             app.next_id.fetch_add(1, Relaxed)
         ),
         created: unix_time(),
@@ -422,9 +428,12 @@ impl Reply {
                 async move { tx.send(Ok(SseEvent::default().data(data))).await }
             };
             if self.kind == Kind::Chat
-                && send(self.chunk(json!({"role": "assistant", "content": ""}), None).to_string())
-                    .await
-                    .is_err()
+                && send(
+                    self.chunk(json!({"role": "assistant", "content": ""}), None)
+                        .to_string(),
+                )
+                .await
+                .is_err()
             {
                 return;
             }

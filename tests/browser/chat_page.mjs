@@ -7,17 +7,33 @@
 //
 // Setup once: (cd tests/browser && npm ci); Chromium from Debian: apt-get install -y chromium.
 //
-// It opens the page, pastes a short document into #document, types a question into #input,
+// It opens the page, pastes a document into #document, types a question into #input,
 // clicks #send, waits until a div.msg.assistant has text and document.body.dataset.state is
 // "idle" again, checks that #kv shows a KV-cache figure, saves a full-page screenshot and prints
 // one line of JSON {"answer": ..., "kv": ...}. Exit 0 on success; on failure prints why, exit 1.
 
 import { chromium } from "playwright-core";
 
-const DOCUMENT =
+// Long enough (over 256 tokens) for the server to treat it as a document and, with an
+// eviction policy, compress it; the figure in #kv then shows what that saved.
+const DOCUMENT = [
   "Kemmerton is a small river town. The Zorblat river flows through Kemmerton from north to " +
   "south. The town is known for its blue bridge, built in 1911, and for a yearly apple fair " +
-  "held every October on the east bank of the river.";
+  "held every October on the east bank of the river.",
+  "The town hall stands on Market Square. It was designed by the architect Ilse Varga and " +
+  "finished in 1887. Its clock tower has four faces and rings every quarter hour. The square " +
+  "holds a farmers' market on Tuesdays and Saturdays, where growers from the valley sell " +
+  "cheese, honey, pears and smoked fish.",
+  "Kemmerton has two schools: the Riverside Primary School, with about 240 pupils, and the " +
+  "Old Mill Secondary School, which occupies a converted flour mill by the weir. The library " +
+  "on Chapel Street lends books, maps and tools, and opens late on Thursdays.",
+  "The railway reached Kemmerton in 1902. Trains run to the county town every hour, and the " +
+  "journey takes 35 minutes. A ferry crosses the Zorblat below the blue bridge from April to " +
+  "September; in winter the crossing is made by the bridge alone.",
+  "The local football club, Kemmerton Rovers, plays in green and white at the Meadow Ground. " +
+  "Its best season was 1974, when it reached the county cup final. The cricket club shares " +
+  "the pavilion and plays on Sunday afternoons in summer.",
+].join("\n\n");
 const QUESTION = "Which river flows through Kemmerton?";
 
 function parseArgs(argv) {

@@ -1,0 +1,465 @@
+//! `fastkv serve` against the real SmolLM2 model: every bad input gets its status
+//! and an OpenAI-style error body, the API key guards every route but /health and the
+//! page, a full queue answers 503, a client that leaves mid-stream frees its slot.
+//! The official `openai` package, a load test and headless Chromium run through
+//! scripts (tests/server/openai_client.py, benches/load_test.py,
+//! tests/browser/chat_page.mjs) where their tools are installed; each prints SKIP
+//! otherwise (`.ci/run` installs them).
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A running `fastkv serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    /// Start the server on a free loopback port with `args` and wait until it is ready.
+    fn start(model: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+            .arg("serve")
+            .arg("-m")
+            .arg(model)
+            .args(["--port", "0", "-t", "2"])
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("fastkv starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("the server says where it listens")
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("fastkv serve: listening on ") {
+                break addr.to_string();
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let server = Server { child, base };
+        let t0 = Instant::now();
+        while server.get("/health").0 != 200 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "server not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        response(agent().get(self.url(path)).call())
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, String) {
+        self.post_with(path, body, None)
+    }
+
+    fn post_with(&self, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
+        let mut req = agent()
+            .post(self.url(path))
+            .header("Content-Type", "application/json");
+        if let Some(k) = key {
+            req = req.header("Authorization", format!("Bearer {k}"));
+        }
+        response(req.send(body))
+    }
+
+    /// Status and body of a request that must fail, checked to be OpenAI's shape.
+    fn error(&self, path: &str, body: &str) -> (u16, Value) {
+        let (status, text) = self.post(path, body);
+        (status, error_body(&text))
+    }
+
+    /// One `/metrics` value.
+    fn metric(&self, name: &str) -> f64 {
+        let (status, text) = self.get("/metrics");
+        assert_eq!(status, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in /metrics"))
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+fn response(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, String) {
+    let mut r = r.expect("the server answers");
+    let status = r.status().as_u16();
+    (status, r.body_mut().read_to_string().unwrap())
+}
+
+/// The body `{"error": {"message", "type", "code"}}`, checked.
+fn error_body(text: &str) -> Value {
+    let v: Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("JSON error body ({e}): {text}"));
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e["code"].is_u64(), "{v}");
+    e.clone()
+}
+
+fn smollm2() -> Option<PathBuf> {
+    model(SMOLLM2)
+}
+
+fn chat(content: &str, extra: Value) -> String {
+    let mut body = json!({
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body.to_string()
+}
+
+#[test]
+fn bad_requests_get_400_with_an_openai_error_body() {
+    let Some(m) = smollm2() else { return };
+    let s = Server::start(&m, &["-c", "256"]);
+    let long = "word ".repeat(400);
+    let cases: Vec<(&str, &str, String)> = vec![
+        (
+            "malformed JSON",
+            "/v1/chat/completions",
+            "{\"messages\": [".into(),
+        ),
+        ("not an object", "/v1/chat/completions", "[1, 2]".into()),
+        (
+            "no messages",
+            "/v1/chat/completions",
+            "{\"max_tokens\": 3}".into(),
+        ),
+        (
+            "empty messages",
+            "/v1/chat/completions",
+            json!({"messages": []}).to_string(),
+        ),
+        (
+            "unknown role",
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}).to_string(),
+        ),
+        (
+            "unknown model",
+            "/v1/chat/completions",
+            chat("hi", json!({"model": "gpt-9"})),
+        ),
+        (
+            "temperature out of range",
+            "/v1/chat/completions",
+            chat("hi", json!({"temperature": 7})),
+        ),
+        (
+            "temperature not a number",
+            "/v1/chat/completions",
+            chat("hi", json!({"temperature": "hot"})),
+        ),
+        (
+            "top_p zero",
+            "/v1/chat/completions",
+            chat("hi", json!({"top_p": 0})),
+        ),
+        (
+            "max_tokens zero",
+            "/v1/chat/completions",
+            chat("hi", json!({"max_tokens": 0})),
+        ),
+        ("n = 2", "/v1/chat/completions", chat("hi", json!({"n": 2}))),
+        (
+            "five stop sequences",
+            "/v1/chat/completions",
+            chat("hi", json!({"stop": ["a", "b", "c", "d", "e"]})),
+        ),
+        (
+            "prompt longer than the context",
+            "/v1/chat/completions",
+            chat(&long, json!({})),
+        ),
+        (
+            "prompt longer than the context",
+            "/v1/completions",
+            json!({"prompt": long}).to_string(),
+        ),
+        (
+            "prompt not a string",
+            "/v1/completions",
+            json!({"prompt": 42}).to_string(),
+        ),
+        (
+            "token outside the vocabulary",
+            "/detokenize",
+            json!({"tokens": [1, -5]}).to_string(),
+        ),
+        ("tokenize without content", "/tokenize", "{}".into()),
+    ];
+    for (what, path, body) in &cases {
+        let (status, e) = s.error(path, body);
+        assert_eq!(status, 400, "{what}: {e}");
+        assert_eq!(e["type"], "invalid_request_error", "{what}: {e}");
+        assert_eq!(e["code"], 400, "{what}");
+    }
+    let (_, e) = s.error("/v1/chat/completions", &chat(&long, json!({})));
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("256"), "names the context size: {msg}");
+
+    // Too large a body: 413, same shape.
+    let huge = format!("{{\"prompt\": \"{}\"}}", "a".repeat(9 << 20));
+    let (status, e) = s.error("/v1/completions", &huge);
+    assert_eq!(status, 413, "{e}");
+    // Unknown routes: 404, same shape.
+    let (status, text) = s.get("/v2/nothing");
+    assert_eq!(status, 404);
+    assert_eq!(error_body(&text)["type"], "not_found_error");
+    // /metrics without --metrics: 501, same shape.
+    let (status, text) = s.get("/metrics");
+    assert_eq!(status, 501);
+    error_body(&text);
+    // The server still answers after all that.
+    let (status, body) = s.post("/v1/chat/completions", &chat("Hello", json!({})));
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn api_key_guards_every_route_but_health_and_the_page() {
+    let Some(m) = smollm2() else { return };
+    let s = Server::start(&m, &["--api-key", "sekrit", "--metrics"]);
+    assert_eq!(s.get("/health").0, 200);
+    let (status, page) = s.get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains("<html"), "the chat page");
+    for path in ["/v1/models", "/metrics"] {
+        let (status, text) = s.get(path);
+        assert_eq!(status, 401, "{path}");
+        assert_eq!(error_body(&text)["type"], "authentication_error");
+    }
+    let body = chat("Hi", json!({}));
+    for key in [None, Some("wrong")] {
+        for path in ["/v1/chat/completions", "/v1/completions", "/tokenize"] {
+            let (status, text) = s.post_with(path, &body, key);
+            assert_eq!(status, 401, "{path} with key {key:?}");
+            error_body(&text);
+        }
+    }
+    let (status, text) = s.post_with("/v1/chat/completions", &body, Some("sekrit"));
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+}
+
+/// A streamed request whose first piece has arrived, and the reader to abandon.
+fn start_stream(s: &Server, max_tokens: usize) -> impl Read {
+    let body = json!({
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+        "max_tokens": max_tokens,
+        "stream": true,
+    });
+    let r = agent()
+        .post(s.url("/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut reader = BufReader::new(r.into_body().into_reader());
+    let mut line = String::new();
+    while !line.contains("\"content\":\"") || line.contains("\"content\":\"\"") {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream ended early"
+        );
+    }
+    reader
+}
+
+#[test]
+fn a_full_queue_answers_503_and_a_client_that_leaves_frees_its_slot() {
+    let Some(m) = smollm2() else { return };
+    let s = Server::start(&m, &["-np", "1", "--max-queue", "0", "--metrics"]);
+    let stream = start_stream(&s, 2000);
+    // One slot, no queue: the next request is refused at once.
+    let (status, text) = s.post("/v1/chat/completions", &chat("Hi", json!({})));
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(error_body(&text)["type"], "unavailable_error");
+    assert_eq!(s.metric("fastkv_requests_rejected_total"), 1.0);
+    assert_eq!(s.metric("fastkv_requests_processing"), 1.0);
+    // The client leaves mid-stream: the slot is free within a few decode steps.
+    drop(stream);
+    let t0 = Instant::now();
+    while s.metric("fastkv_requests_processing") != 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the slot of a client that left is still busy"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, text) = s.post("/v1/chat/completions", &chat("Hi", json!({})));
+    assert_eq!(status, 200, "{text}");
+    // Far fewer tokens were generated than the 2000 asked for.
+    assert!(s.metric("fastkv_tokens_predicted_total") < 500.0);
+}
+
+#[test]
+fn stop_sequences_end_the_reply_before_them() {
+    let Some(m) = smollm2() else { return };
+    let s = Server::start(&m, &[]);
+    let body = json!({"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 30, "temperature": 0});
+    let (_, text) = s.post("/v1/completions", &body.to_string());
+    let full: Value = serde_json::from_str(&text).unwrap();
+    let full = full["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(full.contains(" 9,"), "the model counts on: {full:?}");
+    let mut body = body;
+    body["stop"] = json!([" 9,", "never"]);
+    let (_, text) = s.post("/v1/completions", &body.to_string());
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let cut = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(cut, &full[..full.find(" 9,").unwrap()]);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+/// Whether `cmd --version`-like probing succeeds (the tool is installed).
+fn have(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run_script(program: &str, args: &[&str]) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_openai_package_talks_to_the_server_and_documents_are_reused() {
+    let Some(m) = smollm2() else { return };
+    if !have("python3", &["-c", "import openai"]) {
+        println!("SKIP: the openai Python package is not installed (pip install openai)");
+        return;
+    }
+    let s = Server::start(
+        &m,
+        &[
+            "-np",
+            "2",
+            "--kv-policy",
+            "snapkv",
+            "--kv-keep",
+            "0.3",
+            "--metrics",
+        ],
+    );
+    let script = "tests/server/openai_client.py";
+    run_script("python3", &[script, "--base-url", &s.base, "--check-reuse"]);
+    drop(s);
+    let s = Server::start(&m, &["--api-key", "k3y"]);
+    run_script(
+        "python3",
+        &[script, "--base-url", &s.base, "--api-key", "k3y"],
+    );
+}
+
+#[test]
+fn load_test_with_8_streaming_clients_on_4_slots() {
+    let Some(m) = smollm2() else { return };
+    let s = Server::start(&m, &["-np", "4", "--max-queue", "2", "--metrics"]);
+    let pid = s.child.id().to_string();
+    let out = std::env::temp_dir().join(format!("fastkv-load-{pid}.json"));
+    run_script(
+        "python3",
+        &[
+            "benches/load_test.py",
+            "--base-url",
+            &s.base,
+            "--clients",
+            "8",
+            "--duration",
+            "60",
+            "--server-pid",
+            &pid,
+            "--check",
+            "--json",
+            out.to_str().unwrap(),
+        ],
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&out);
+    // --check already failed the run on failed requests or unbounded memory.
+    assert_eq!(report["requests_failed"], 0);
+    assert!(report["requests_ok"].as_u64().unwrap() >= 8);
+    assert_eq!(report["rss"]["bounded"], true);
+    // 8 clients on 4 slots with 2 places in the queue: some are refused.
+    assert!(report["requests_rejected_503"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn the_chat_page_streams_an_answer_in_headless_chromium() {
+    let Some(m) = smollm2() else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let driver = root.join("tests/browser/node_modules/playwright-core");
+    if !Path::new("/usr/bin/chromium").exists() || !driver.exists() {
+        println!(
+            "SKIP: needs /usr/bin/chromium (Debian's chromium) and playwright-core \
+             (cd tests/browser && npm ci)"
+        );
+        return;
+    }
+    let s = Server::start(&m, &["--kv-policy", "snapkv", "--kv-keep", "0.5"]);
+    let shot = root.join("target/chat_page.png");
+    run_script(
+        "node",
+        &[
+            "tests/browser/chat_page.mjs",
+            "--url",
+            &s.url("/"),
+            "--screenshot",
+            shot.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000),
+        "screenshot saved"
+    );
+}
