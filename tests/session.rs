@@ -133,12 +133,12 @@ fn batched_decode_matches_decoding_alone() {
                 for ((s, l), &t) in alone.iter_mut().zip(&next) {
                     *l = s.feed(&[t]).unwrap();
                 }
-                let mut batch: Vec<(&mut Session, u32)> = together
+                let mut batch: Vec<(&mut Session, &[u32])> = together
                     .iter_mut()
                     .zip(&next)
-                    .map(|((s, _), &t)| (s, t))
+                    .map(|((s, _), t)| (s, std::slice::from_ref(t)))
                     .collect();
-                let out = Session::decode_batch(&mut batch).unwrap();
+                let out = Session::feed_batch(&mut batch).unwrap();
                 for (i, ((a, la), (b, _))) in alone.iter().zip(&out).zip(&together).enumerate() {
                     assert_eq!(
                         la, &a.1,
@@ -158,4 +158,28 @@ fn batched_decode_matches_decoding_alone() {
             }
         }
     }
+}
+
+/// A server step mixes a prompt chunk for one session with a decode token for
+/// another: both end as if fed alone.
+#[test]
+fn a_prompt_chunk_and_a_decode_token_share_a_batch() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let model = Model::load(&path).unwrap();
+    let first: Vec<u32> = (0..50).map(|i| 400 + i * 7).collect();
+    let second: Vec<u32> = (0..90).map(|i| 900 + i * 11).collect();
+    let mut a_alone = Session::new(&model, 512);
+    let mut a_batch = Session::new(&model, 512);
+    let next = argmax(&a_alone.feed(&first).unwrap()) as u32;
+    a_batch.feed(&first).unwrap();
+    let want_a = a_alone.feed(&[next]).unwrap();
+    let mut b_alone = Session::new(&model, 512);
+    let want_b = b_alone.feed(&second).unwrap();
+
+    let mut b_batch = Session::new(&model, 512);
+    let out = Session::feed_batch(&mut [(&mut a_batch, &[next][..]), (&mut b_batch, &second[..])])
+        .unwrap();
+    assert_eq!(out[0], want_a);
+    assert_eq!(out[1], want_b);
+    assert_eq!(b_batch.tokens(), &second[..]);
 }

@@ -18,6 +18,11 @@ use crate::sampling::Sampler;
 use crate::session::Session;
 use crate::tokenizer::{Detokenizer, Tokenizer};
 
+/// Most prompt tokens run in one step (with every generating slot's next token):
+/// a long prompt is prefilled over several steps, so the other streams do not stall
+/// for its whole length.
+pub const PREFILL_STEP: usize = 256;
+
 /// A request for the engine: prompt tokens and what to generate.
 pub struct Job {
     pub prompt: Vec<u32>,
@@ -80,10 +85,16 @@ struct Slot<'m, 't> {
     last_used: u64,
 }
 
-/// A request being generated in a slot.
+/// A request in a slot: prefilling while `pending` holds prompt tokens, then
+/// generating.
 struct Active<'t> {
     job: Job,
+    /// Prompt tokens not yet run (they go through the batched steps in chunks).
+    pending: Vec<u32>,
+    /// When the request entered the slot.
+    admitted: Instant,
     sampler: Sampler,
+    /// The logits to sample from next; empty while prefilling or in a step.
     logits: Vec<f32>,
     detok: Detokenizer<'t>,
     n_generated: usize,
@@ -205,53 +216,43 @@ impl<'m, 't> Engine<'m, 't> {
             .map(|(i, _)| i)
     }
 
-    /// Prefill `job` in slot `i`: reuse what the slot holds, compress a document it
-    /// does not hold yet, run the rest. A failure is reported to the job's client.
+    /// Put `job` in slot `i`: keep what the slot holds of its prompt, and leave the
+    /// rest for the batched steps, except a document the slot does not hold yet,
+    /// which is compressed here (once; later requests reuse it). A failure is reported
+    /// to the job's client.
     fn start(&mut self, i: usize, job: Job) {
-        let t0 = Instant::now();
+        let admitted = Instant::now();
         let session = &mut self.slots[i].session;
         let prompt = &job.prompt;
-        let common = session
-            .tokens()
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let compress = job
-            .document
-            .clone()
-            .filter(|d| session.eviction().is_active() && common < d.end);
-        let fed = match compress {
+        let compress = job.document.clone().filter(|d| {
+            let held = session
+                .tokens()
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b);
+            session.eviction().is_active() && held.count() < d.end
+        });
+        // Tokens left in the cache, and how many of those were there before.
+        let (kept, cached) = match compress {
+            None => {
+                let kept = session.keep_prefix_of(prompt);
+                (kept, kept)
+            }
             Some(doc) => {
                 session.clear();
-                session
-                    .feed_context(&prompt[..doc.start], &prompt[doc.clone()])
-                    .map_err(|e| e.to_string())
-                    .and_then(|(logits, _)| {
-                        let rest = &prompt[doc.end..];
-                        if rest.is_empty() {
-                            Ok(logits)
-                        } else {
-                            session.feed(rest).map_err(|e| e.to_string())
-                        }
-                    })
-                    .map(|logits| (logits, prompt.len()))
-            }
-            None => session
-                .feed_reusing_prefix(prompt)
-                .map_err(|e| e.to_string()),
-        };
-        let (logits, n_run) = match fed {
-            Ok(x) => x,
-            Err(e) => {
-                session.clear();
-                let e = ApiError::internal(format!("prefill failed: {e}"));
-                let _ = job.events.send(Event::Error(e));
-                return;
+                let t0 = Instant::now();
+                if let Err(e) = session.feed_context(&prompt[..doc.start], &prompt[doc.clone()]) {
+                    session.clear();
+                    let e = ApiError::internal(format!("prefill failed: {e}"));
+                    let _ = job.events.send(Event::Error(e));
+                    return;
+                }
+                self.counters
+                    .add_prompt(doc.end, t0.elapsed().as_secs_f64() * 1e3);
+                // The last document token runs again if nothing follows it, for logits.
+                (session.keep_prefix_of(prompt), 0)
             }
         };
-        let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
-        self.counters.add_prompt(n_run, prompt_ms);
         let mut sampler = Sampler::new(job.params.sampler);
         for &t in prompt {
             sampler.accept(t);
@@ -259,33 +260,35 @@ impl<'m, 't> Engine<'m, 't> {
         let usage = Usage {
             prompt_tokens: prompt.len(),
             prompt_tokens_details: super::api::PromptDetails {
-                cached_tokens: prompt.len() - n_run,
+                cached_tokens: cached,
             },
             ..Usage::default()
         };
         let timings = Timings {
-            prompt_n: n_run,
-            cache_n: prompt.len() - n_run,
-            prompt_ms,
-            prompt_per_second: rate(n_run, prompt_ms),
+            prompt_n: prompt.len() - cached,
+            cache_n: cached,
             ..Timings::default()
         };
         self.slots[i].active = Some(Active {
+            pending: prompt[kept..].to_vec(),
             job,
+            admitted,
             sampler,
-            logits,
+            logits: Vec::new(),
             detok: Detokenizer::new(self.tokenizer, false),
             n_generated: 0,
             held: String::new(),
             next: None,
             usage,
             timings,
-            decode_start: Instant::now(),
+            decode_start: admitted,
         });
     }
 
-    /// Sample a token in every active slot, send its text, finish the requests that
-    /// are done, and run the others' tokens in one batched forward pass.
+    /// One step: sample a token in every generating slot (sending its text, finishing
+    /// the requests that are done), then run one forward pass over the others' tokens
+    /// and a chunk of each prefilling slot's prompt (at most [`PREFILL_STEP`] prompt
+    /// tokens in all, so the streams of the others keep flowing).
     fn step(&mut self) {
         for i in 0..self.slots.len() {
             let sampled = catch_unwind(AssertUnwindSafe(|| self.sample(i)));
@@ -293,37 +296,78 @@ impl<'m, 't> Engine<'m, 't> {
                 self.reset_slot(i);
             }
         }
-        let t0 = Instant::now();
-        let mut batch: Vec<(&mut Session<'m>, u32)> = self
-            .slots
-            .iter_mut()
-            .filter_map(|s| {
-                let t = s.active.as_mut()?.next.take()?;
-                Some((&mut s.session, t))
-            })
-            .collect();
-        if batch.is_empty() {
+        // What each slot runs: (slot, tokens), in slot order.
+        let mut plan: Vec<(usize, Vec<u32>)> = Vec::new();
+        let mut prefill_left = PREFILL_STEP;
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            let Some(a) = s.active.as_mut() else { continue };
+            if let Some(t) = a.next.take() {
+                plan.push((i, vec![t]));
+            } else if !a.pending.is_empty() && prefill_left > 0 {
+                let n = a.pending.len().min(prefill_left);
+                prefill_left -= n;
+                plan.push((i, a.pending[..n].to_vec()));
+            }
+        }
+        if plan.is_empty() {
             return;
         }
-        let n = batch.len();
-        let out = catch_unwind(AssertUnwindSafe(|| Session::decode_batch(&mut batch)));
+        let t0 = Instant::now();
+        let mut batch: Vec<(&mut Session<'m>, &[u32])> = Vec::with_capacity(plan.len());
+        let mut planned = plan.iter().peekable();
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if let Some((_, tokens)) = planned.next_if(|(j, _)| *j == i) {
+                batch.push((&mut s.session, tokens));
+            }
+        }
+        let out = catch_unwind(AssertUnwindSafe(|| Session::feed_batch(&mut batch)));
         drop(batch);
-        self.counters
-            .add_decode(n, t0.elapsed().as_secs_f64() * 1e3);
-        let mut rows = match out {
-            Ok(Ok(rows)) => rows.into_iter(),
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let rows = match out {
+            Ok(Ok(rows)) => rows,
             Ok(Err(e)) => {
-                self.fail_batch(&ApiError::internal(format!("decoding failed: {e}")));
+                self.fail_batch(&plan, &ApiError::internal(format!("decoding failed: {e}")));
                 return;
             }
             Err(_) => {
-                self.fail_batch(&ApiError::internal("decoding failed (internal error)"));
+                self.fail_batch(
+                    &plan,
+                    &ApiError::internal("decoding failed (internal error)"),
+                );
                 return;
             }
         };
-        for s in &mut self.slots {
-            if let Some(a) = s.active.as_mut().filter(|a| a.logits.is_empty()) {
-                a.logits = rows.next().expect("one row of logits per batched slot");
+        // Step time is shared out by tokens between the prompt and generation figures.
+        let n_prompt: usize = plan
+            .iter()
+            .filter(|(i, _)| {
+                self.slots[*i]
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| !a.pending.is_empty())
+            })
+            .map(|(_, t)| t.len())
+            .sum();
+        let n_all: usize = plan.iter().map(|(_, t)| t.len()).sum();
+        let prompt_ms = ms * n_prompt as f64 / n_all as f64;
+        self.counters.add_prompt(n_prompt, prompt_ms);
+        self.counters.add_decode(n_all - n_prompt, ms - prompt_ms);
+        for ((i, tokens), row) in plan.iter().zip(rows) {
+            let Some(a) = self.slots[*i].active.as_mut() else {
+                continue;
+            };
+            if a.pending.is_empty() {
+                a.logits = row;
+                continue;
+            }
+            a.pending.drain(..tokens.len());
+            if a.pending.is_empty() {
+                // Prefill done: the reply starts from these logits.
+                a.logits = row;
+                let ms = a.admitted.elapsed().as_secs_f64() * 1e3;
+                a.timings.prompt_ms = ms;
+                a.timings.prompt_per_second = rate(a.timings.prompt_n, ms);
+                a.decode_start = Instant::now();
             }
         }
     }
@@ -338,6 +382,9 @@ impl<'m, 't> Engine<'m, 't> {
             // The client went away: free the slot now.
             slot.active = None;
             return;
+        }
+        if a.logits.is_empty() {
+            return; // still prefilling
         }
         let tok = a.sampler.sample(&mut a.logits);
         if self.tokenizer.is_eog(tok) {
@@ -398,20 +445,14 @@ impl<'m, 't> Engine<'m, 't> {
         }));
     }
 
-    /// A failed decode step: every request in it ends with `e`, and the slots start
+    /// A failed step: every request in it ends with `e`, and their slots start
     /// afresh (their caches may hold half a step).
-    fn fail_batch(&mut self, e: &ApiError) {
-        for i in 0..self.slots.len() {
-            let in_batch = self.slots[i]
-                .active
-                .as_ref()
-                .is_some_and(|a| a.logits.is_empty());
-            if in_batch {
-                if let Some(a) = self.slots[i].active.take() {
-                    let _ = a.job.events.send(Event::Error(e.clone()));
-                }
-                self.slots[i].session = (self.new_session)();
+    fn fail_batch(&mut self, plan: &[(usize, Vec<u32>)], e: &ApiError) {
+        for &(i, _) in plan {
+            if let Some(a) = self.slots[i].active.take() {
+                let _ = a.job.events.send(Event::Error(e.clone()));
             }
+            self.slots[i].session = (self.new_session)();
         }
     }
 

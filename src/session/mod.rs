@@ -152,12 +152,14 @@ impl<'m> Session<'m> {
         Ok(out?.pop().unwrap_or_default())
     }
 
-    /// Decode one token for each of several sessions of one model in a single forward
-    /// pass, so the weights are read once for all of them (a server's decode step).
-    /// Each session ends exactly as `feed(&[token])` would leave it, with the same
-    /// logits (returned in order).
-    pub fn decode_batch(
-        batch: &mut [(&mut Session<'m>, u32)],
+    /// Feed several sessions of one model their next tokens in a single forward
+    /// pass, so the weights are read once for all of them (a server's step: one token
+    /// for each conversation that generates, a chunk of prompt for each that is being
+    /// prefilled). Returns each session's logits after its last token. Each session
+    /// ends exactly as `feed(tokens)` would leave it, with the same logits, when its
+    /// tokens fit in one prefill chunk.
+    pub fn feed_batch(
+        batch: &mut [(&mut Session<'m>, &[u32])],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let Some(model) = batch.first().map(|(s, _)| s.model) else {
             return Ok(Vec::new());
@@ -166,28 +168,26 @@ impl<'m> Session<'m> {
             batch.iter().all(|(s, _)| std::ptr::eq(s.model, model)),
             "sessions of one batch must share their model"
         );
-        let tokens: Vec<[u32; 1]> = batch.iter().map(|&(_, t)| [t]).collect();
         let mut probes = Vec::with_capacity(batch.len());
         let mut starts = Vec::with_capacity(batch.len());
-        for (s, _) in batch.iter_mut() {
-            probes.push(s.budget_probe(1));
+        for (s, tokens) in batch.iter_mut() {
+            probes.push(s.budget_probe(tokens.len()));
             starts.push(s.cache.n_seen());
-            s.gate_begin(s.cache.n_seen(), 1);
+            s.gate_begin(s.cache.n_seen(), tokens.len());
         }
         let mut seqs: Vec<Sequence> = batch
             .iter_mut()
-            .zip(&tokens)
             .zip(&probes)
-            .map(|(((s, _), t), p)| s.sequence(t, Logits::Last, p.as_ref()))
+            .map(|((s, t), p)| s.sequence(t, Logits::Last, p.as_ref()))
             .collect();
         let out = model.forward_batch(&mut seqs);
         drop(seqs);
-        for (((s, _), t), start) in batch.iter_mut().zip(&tokens).zip(starts) {
+        for ((s, t), start) in batch.iter_mut().zip(starts) {
             s.forward_done(start, t);
         }
         let out = out?;
-        for (s, _) in batch.iter_mut() {
-            s.after_feed(1);
+        for (s, t) in batch.iter_mut() {
+            s.after_feed(t.len());
         }
         Ok(out)
     }
@@ -230,13 +230,20 @@ impl<'m> Session<'m> {
     /// what it holds already; returns the logits after `prompt` and how many tokens
     /// had to be run. This is how chat avoids re-reading its history every turn.
     pub fn feed_reusing_prefix(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize), ModelError> {
+        let common = self.keep_prefix_of(prompt);
+        Ok((self.feed(&prompt[common..])?, prompt.len() - common))
+    }
+
+    /// Cut the cache back to the longest prefix it shares with `prompt`, leaving at
+    /// least the last prompt token to run (it gives the logits); returns the number
+    /// of tokens kept. Feeding `prompt[kept..]` next makes the cache hold `prompt`.
+    pub fn keep_prefix_of(&mut self, prompt: &[u32]) -> usize {
         let mut common = self
             .tokens
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
             .count();
-        // The last prompt token must be run to produce logits.
         if common == prompt.len() {
             common = common.saturating_sub(1);
         }
@@ -248,7 +255,7 @@ impl<'m> Session<'m> {
         }
         self.tokens.truncate(common);
         self.judged_below = self.judged_below.min(common);
-        Ok((self.feed(&prompt[common..])?, prompt.len() - common))
+        common
     }
 
     /// Forget everything.
