@@ -45,11 +45,23 @@ impl Server {
         };
         // Keep draining its log so it never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
+        // Without --host it listens on loopback only.
+        if !args.contains(&"--host") {
+            assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+        }
         let server = Server { child, base };
         let t0 = Instant::now();
-        while server.get("/health").0 != 200 {
+        loop {
+            let (status, text) = server.get("/health");
+            if status == 200 {
+                assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["status"], "ok");
+                break;
+            }
+            // While the model loads: 503 with an error body.
+            assert_eq!(status, 503, "{text}");
+            assert_eq!(error_body(&text)["type"], "unavailable_error");
             assert!(t0.elapsed() < Duration::from_secs(60), "server not ready");
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         server
     }

@@ -1,7 +1,7 @@
 //! The decoder: weights named after their GGUF tensors, and one forward pass that
 //! serves llama, qwen2, qwen3 and gemma3 through the differences in [`Config`].
 //!
-//! Read [`Model::forward`] top to bottom: it is the whole model.
+//! Read [`Model::forward_batch`] top to bottom: it is the whole model.
 mod config;
 
 pub use config::{Activation, Arch, Config};

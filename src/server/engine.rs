@@ -1,7 +1,8 @@
 //! The scheduler: slots (conversations, each with its KV cache), the queue of
-//! requests waiting for one, prefill, and the decode step that runs every active slot
-//! in one batched forward pass. It runs on one thread, which owns the sessions; the
-//! HTTP handlers talk to it through channels.
+//! requests waiting for one, and the step that runs every active slot in one batched
+//! forward pass (a token for each slot that generates, a chunk of prompt for each that
+//! is prefilled). It runs on one thread, which owns the sessions; the HTTP handlers
+//! talk to it through channels.
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -174,7 +175,7 @@ impl<'m, 't> Engine<'m, 't> {
     }
 
     /// Give queued jobs (in arrival order) the free slot that shares the longest
-    /// prefix with their prompt, and prefill them.
+    /// prefix with their prompt.
     fn admit(&mut self) {
         while !self.queue.is_empty() {
             let Some(i) = self.free_slot(&self.queue[0].prompt) else {
@@ -183,15 +184,11 @@ impl<'m, 't> Engine<'m, 't> {
             let job = self.queue.pop_front().expect("queue is not empty");
             self.clock += 1;
             self.slots[i].last_used = self.clock;
-            let started = catch_unwind(AssertUnwindSafe(|| self.start(i, job)));
-            match started {
-                Ok(()) => {}
-                Err(_) => {
-                    // The job went down with the panic (its sender dropped, the
-                    // client sees the stream end); the slot's state is suspect.
-                    self.slots[i].session = (self.new_session)();
-                    self.slots[i].active = None;
-                }
+            if catch_unwind(AssertUnwindSafe(|| self.start(i, job))).is_err() {
+                // The job went down with the panic (its sender dropped: the handler
+                // answers 500); the slot's state is suspect.
+                self.slots[i].session = (self.new_session)();
+                self.slots[i].active = None;
             }
         }
     }
@@ -204,13 +201,7 @@ impl<'m, 't> Engine<'m, 't> {
             .enumerate()
             .filter(|(_, s)| s.active.is_none())
             .max_by_key(|(_, s)| {
-                let common = s
-                    .session
-                    .tokens()
-                    .iter()
-                    .zip(prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count();
+                let common = s.session.shared_prefix(prompt);
                 (common, std::cmp::Reverse(s.last_used))
             })
             .map(|(i, _)| i)

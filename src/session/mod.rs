@@ -234,16 +234,20 @@ impl<'m> Session<'m> {
         Ok((self.feed(&prompt[common..])?, prompt.len() - common))
     }
 
+    /// How many tokens the cache holds that `prompt` begins with.
+    pub fn shared_prefix(&self, prompt: &[u32]) -> usize {
+        self.tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+
     /// Cut the cache back to the longest prefix it shares with `prompt`, leaving at
     /// least the last prompt token to run (it gives the logits); returns the number
     /// of tokens kept. Feeding `prompt[kept..]` next makes the cache hold `prompt`.
     pub fn keep_prefix_of(&mut self, prompt: &[u32]) -> usize {
-        let mut common = self
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let mut common = self.shared_prefix(prompt);
         if common == prompt.len() {
             common = common.saturating_sub(1);
         }
