@@ -278,16 +278,15 @@ impl TileInput<'_> {
         rows: std::ops::Range<usize>,
         store: impl Fn(usize, usize, f32),
     ) {
-        let blocks = self.w.cols / 32;
+        let blocks = self.w.cols / self.kind.block_len();
         let (wrb, xrb) = (self.w.row_bytes(), self.xq.len() / self.n);
         let per_token = self.scales.len() / self.n;
+        let scales_of = |t: usize| self.scales[t * per_token..(t + 1) * per_token].as_ptr();
         let w_row = |r: usize| self.w.data[r * wrb..(r + 1) * wrb].as_ptr();
         for t in tokens.step_by(TT) {
             let xp: [*const u8; TT] =
                 std::array::from_fn(|j| self.xq[(t + j) * xrb..(t + j + 1) * xrb].as_ptr());
-            let xs: [*const f32; TT] = std::array::from_fn(|j| {
-                self.scales[(t + j) * per_token..(t + j + 1) * per_token].as_ptr()
-            });
+            let xs: [*const f32; TT] = std::array::from_fn(|j| scales_of(t + j));
             let mut r = rows.start;
             while r < rows.end {
                 // SAFETY: every pointer is the start of a whole row (of `w`, or of
@@ -430,9 +429,15 @@ mod tests {
     #[test]
     fn tiled_products_are_bit_identical_to_ggml() {
         init();
-        let cols = 320;
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q5_0] {
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q5_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
             assert!(tile::kernel_for(ty, 2).is_some() || !cfg!(target_feature = "avx2"));
+            let cols = if ty.block_size() == 256 { 768 } else { 320 };
             for (rows, n) in [(13, 1), (13, 2), (21, 5), (64, 7), (4, 3)] {
                 let w = pseudo_random(cols * rows, rows as u32);
                 let x: Vec<f32> = pseudo_random(cols * n, 7 + n as u32)
