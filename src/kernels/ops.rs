@@ -43,11 +43,29 @@ pub enum RopeStyle {
 /// `freq_scale * pos * base^(-2i/n_rot)` (`freq_scale` < 1 is linear scaling), built
 /// by repeated multiplication in f32 as ggml does.
 pub fn rope(x: &mut [f32], pos: f32, n_rot: usize, base: f32, freq_scale: f32, style: RopeStyle) {
+    let mut angles = Vec::new();
+    rope_angles(pos, n_rot, base, freq_scale, &mut angles);
+    rope_rotate(x, &angles, style);
+}
+
+/// The (cos, sin) of [`rope`]'s angle for each pair at position `pos`, into `out`.
+/// Computed once per token and shared by all its heads, as ggml's rope cache is
+/// (the sines and cosines cost more than the rotations).
+pub fn rope_angles(pos: f32, n_rot: usize, base: f32, freq_scale: f32, out: &mut Vec<(f32, f32)>) {
     let theta_scale = base.powf(-2.0 / n_rot as f32);
     let mut theta = pos;
-    let half = n_rot / 2;
-    for i in 0..half {
+    out.clear();
+    for _ in 0..n_rot / 2 {
         let (s, c) = (freq_scale * theta).sin_cos();
+        out.push((c, s));
+        theta *= theta_scale;
+    }
+}
+
+/// Rotate one head by [`rope_angles`].
+pub fn rope_rotate(x: &mut [f32], angles: &[(f32, f32)], style: RopeStyle) {
+    let half = angles.len();
+    for (i, &(c, s)) in angles.iter().enumerate() {
         let (a, b) = match style {
             RopeStyle::Normal => (2 * i, 2 * i + 1),
             RopeStyle::Neox => (i, i + half),
@@ -56,7 +74,6 @@ pub fn rope(x: &mut [f32], pos: f32, n_rot: usize, base: f32, freq_scale: f32, s
         // Fused as ggml's compiled rope is (built with FMA contraction).
         x[a] = x0.mul_add(c, -(x1 * s));
         x[b] = x0.mul_add(s, x1 * c);
-        theta *= theta_scale;
     }
 }
 

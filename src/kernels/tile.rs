@@ -119,8 +119,8 @@ pub(super) unsafe fn dot_tile<const RR: usize, const TT: usize>(
     unsafe {
         match kind {
             Kind::Q4_1 => avx2::q4_1_q8_1::<RR, TT>(w, x, xs, blocks),
-            Kind::Q8_0 => avx2::signed_q8_0::<RR, TT, 34>(w, x, xs, blocks, avx2::unpack_q8_0),
-            Kind::Q5_0 => avx2::signed_q8_0::<RR, TT, 22>(w, x, xs, blocks, avx2::unpack_q5_0),
+            Kind::Q8_0 => avx2::signed_q8_0::<RR, TT, avx2::Q8_0>(w, x, xs, blocks),
+            Kind::Q5_0 => avx2::signed_q8_0::<RR, TT, avx2::Q5_0>(w, x, xs, blocks),
             Kind::Q4_K => avx2::q4_k_q8_k::<RR, TT>(w, x, blocks),
             Kind::Q6_K => avx2::q6_k_q8_k::<RR, TT>(w, x, blocks),
         }
@@ -260,56 +260,76 @@ mod avx2 {
         }
     }
 
-    /// The 32 signed 8-bit weights of a Q8_0 block (after its f16 scale).
-    #[inline(always)]
-    pub(super) unsafe fn unpack_q8_0(b: *const u8) -> __m256i {
-        // SAFETY: the caller guarantees a whole block at `b`.
-        unsafe { _mm256_loadu_si256(b.add(2).cast()) }
+    /// A block format whose 32 weights unpack to signed bytes, after an f16 scale
+    /// (a type, not a function pointer, so that the unpacking is inlined).
+    pub(super) trait SignedBlock {
+        const BYTES: usize;
+        /// The block's 32 weights as signed bytes.
+        ///
+        /// # Safety
+        /// `b` must address a whole block.
+        unsafe fn unpack(b: *const u8) -> __m256i;
     }
 
-    /// The 32 weights of a Q5_0 block (f16 d, 32 high bits, 16 bytes of low nibbles)
-    /// as signed bytes in -16..=15, as ggml's AVX2 code unpacks them: the nibble,
-    /// with 0xF0 or-ed in where the high bit is clear.
-    #[inline(always)]
-    pub(super) unsafe fn unpack_q5_0(b: *const u8) -> __m256i {
-        // SAFETY: the caller guarantees a whole block at `b`; the rest are
-        // register-only intrinsics.
-        unsafe {
-            let qh = b.add(2).cast::<i32>().read_unaligned();
-            let tmp = _mm_loadu_si128(b.add(6).cast());
-            let low = _mm256_and_si256(
-                _mm256_set1_epi8(0xF),
-                _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
-            );
-            // Byte i of the 32 gets bit i of qh (ggml's `bytes_from_bits_32`).
-            let shuf = _mm256_set_epi64x(
-                0x0303030303030303,
-                0x0202020202020202,
-                0x0101010101010101,
-                0,
-            );
-            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf);
-            let bits = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-            let high = _mm256_cmpeq_epi8(bits, _mm256_set1_epi64x(-1));
-            _mm256_or_si256(
-                low,
-                _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0u8 as i8)),
-            )
+    /// Q8_0: f16 d, 32 i8.
+    pub(super) struct Q8_0;
+
+    impl SignedBlock for Q8_0 {
+        const BYTES: usize = Q8_0_BYTES;
+        #[inline(always)]
+        unsafe fn unpack(b: *const u8) -> __m256i {
+            // SAFETY: the caller guarantees a whole block at `b`.
+            unsafe { _mm256_loadu_si256(b.add(2).cast()) }
+        }
+    }
+
+    /// Q5_0: f16 d, 32 high bits, 16 bytes of low nibbles. The weights come out in
+    /// -16..=15 as ggml's AVX2 code unpacks them: the nibble, with 0xF0 or-ed in
+    /// where the high bit is clear.
+    pub(super) struct Q5_0;
+
+    impl SignedBlock for Q5_0 {
+        const BYTES: usize = 22;
+        #[inline(always)]
+        unsafe fn unpack(b: *const u8) -> __m256i {
+            // SAFETY: the caller guarantees a whole block at `b`; the rest are
+            // register-only intrinsics.
+            unsafe {
+                let qh = b.add(2).cast::<i32>().read_unaligned();
+                let tmp = _mm_loadu_si128(b.add(6).cast());
+                let low = _mm256_and_si256(
+                    _mm256_set1_epi8(0xF),
+                    _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
+                );
+                // Byte i of the 32 gets bit i of qh (ggml's `bytes_from_bits_32`).
+                let shuf = _mm256_set_epi64x(
+                    0x0303030303030303,
+                    0x0202020202020202,
+                    0x0101010101010101,
+                    0,
+                );
+                let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf);
+                let bits = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+                let high = _mm256_cmpeq_epi8(bits, _mm256_set1_epi64x(-1));
+                _mm256_or_si256(
+                    low,
+                    _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0u8 as i8)),
+                )
+            }
         }
     }
 
     /// ggml's `ggml_vec_dot_q8_0_q8_0` and `ggml_vec_dot_q5_0_q8_0` (AVX2), for a
-    /// tile of rows and tokens: blocks of `BYTES` bytes starting with the f16 d,
-    /// whose weights `unpack` turns into signed bytes;
+    /// tile of rows and tokens of `B` blocks (f16 d, then weights that unpack to
+    /// signed bytes);
     /// `acc = fma(d0 * d1, float(sum of q x q products), acc)`, then `hsum(acc)`.
     /// Lane r of the converted scales is row r's d.
     #[inline(always)]
-    pub(super) unsafe fn signed_q8_0<const RR: usize, const TT: usize, const BYTES: usize>(
+    pub(super) unsafe fn signed_q8_0<const RR: usize, const TT: usize, B: SignedBlock>(
         w: [*const u8; RR],
         x: [*const u8; TT],
         xs: [*const f32; TT],
         nb: usize,
-        unpack: unsafe fn(*const u8) -> __m256i,
     ) -> [[f32; TT]; RR] {
         const { assert!(RR <= 4, "the scales of at most 4 rows fit one vector") };
         // SAFETY: as in `q4_1_q8_1`.
@@ -320,10 +340,10 @@ mod avx2 {
                 let mut qx = [_mm256_setzero_si256(); RR];
                 let mut ax = [_mm256_setzero_si256(); RR];
                 for r in 0..RR {
-                    let b = w[r].add(ib * BYTES);
+                    let b = w[r].add(ib * B::BYTES);
                     _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH).cast());
                     halves[r] = b.cast::<i16>().read_unaligned();
-                    qx[r] = unpack(b);
+                    qx[r] = B::unpack(b);
                     ax[r] = _mm256_sign_epi8(qx[r], qx[r]);
                 }
                 let d0 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_set_epi16(

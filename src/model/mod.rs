@@ -9,8 +9,11 @@ pub use config::{Activation, Arch, Config};
 use std::path::Path;
 
 use crate::gguf::{GgufError, GgufFile};
+use rayon::prelude::*;
+
 use crate::kernels::{
-    self, matmul, matmuls, rmsnorm, rmsnorm_inplace, rope, Activations, GgmlType, QMatrix,
+    self, matmul, matmuls, rmsnorm, rmsnorm_inplace, rope_angles, rope_rotate, Activations,
+    GgmlType, QMatrix,
 };
 use crate::kv::{self, KvCache, KvShape, Probe};
 
@@ -378,19 +381,20 @@ impl Model {
             } else {
                 (c.rope_base, c.rope_freq_scale)
             };
-            for (t, &p) in pos.iter().enumerate() {
-                for (heads, norm) in [
-                    (&mut q[t * nh * hd..(t + 1) * nh * hd], &l.q_norm),
-                    (&mut k[t * nkv * hd..(t + 1) * nkv * hd], &l.k_norm),
-                ] {
-                    for head in heads.chunks_exact_mut(hd) {
-                        if let Some(w) = norm {
-                            rmsnorm_inplace(head, w, c.rms_eps);
+            q.par_chunks_mut(nh * hd)
+                .zip(k.par_chunks_mut(nkv * hd))
+                .zip(&pos)
+                .for_each_init(Vec::new, |angles, ((qt, kt), &p)| {
+                    rope_angles(p as f32, c.n_rot, base, scale, angles);
+                    for (heads, norm) in [(qt, &l.q_norm), (kt, &l.k_norm)] {
+                        for head in heads.chunks_exact_mut(hd) {
+                            if let Some(w) = norm {
+                                rmsnorm_inplace(head, w, c.rms_eps);
+                            }
+                            rope_rotate(head, angles, c.rope_style);
                         }
-                        rope(head, p as f32, c.n_rot, base, scale, c.rope_style);
                     }
-                }
-            }
+                });
             for (s, r) in seqs.iter_mut().zip(&spans) {
                 let cache = &mut *s.cache;
                 let (q, pos) = (&q[r.start * nh * hd..r.end * nh * hd], &pos[r.clone()]);
@@ -425,7 +429,7 @@ impl Model {
             matmul(&self.mat(&l.wo), &mut acts, &mut o);
             add_bias(&mut o, l.bo.as_deref());
             if let Some(w) = &l.post_attn_norm {
-                o.chunks_exact_mut(d)
+                o.par_chunks_mut(d)
                     .for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
@@ -444,12 +448,12 @@ impl Model {
                     ],
                     &mut Activations::new(&xn[t0 * d..(t0 + m) * d], m, d),
                 );
-                for (g, u) in gate.chunks_exact_mut(c.n_ff).zip(up.chunks_exact(c.n_ff)) {
-                    match c.activation {
+                gate.par_chunks_mut(c.n_ff)
+                    .zip(up.par_chunks(c.n_ff))
+                    .for_each(|(g, u)| match c.activation {
                         Activation::SwiGlu => kernels::swiglu(g, u),
                         Activation::GeGlu => kernels::geglu(g, u),
-                    }
-                }
+                    });
                 matmul(
                     &self.mat(&l.ffn_down),
                     &mut Activations::new(gate, m, c.n_ff),
@@ -457,7 +461,7 @@ impl Model {
                 );
             }
             if let Some(w) = &l.post_ffn_norm {
-                o.chunks_exact_mut(d)
+                o.par_chunks_mut(d)
                     .for_each(|r| rmsnorm_inplace(r, w, c.rms_eps));
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
@@ -509,9 +513,9 @@ impl Model {
 }
 
 fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], d: usize) {
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        rmsnorm(xr, w, eps, or);
-    }
+    x.par_chunks(d)
+        .zip(out.par_chunks_mut(d))
+        .for_each(|(xr, or)| rmsnorm(xr, w, eps, or));
 }
 
 fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
