@@ -54,7 +54,10 @@ impl Server {
         loop {
             let (status, text) = server.get("/health");
             if status == 200 {
-                assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["status"], "ok");
+                assert_eq!(
+                    serde_json::from_str::<Value>(&text).unwrap()["status"],
+                    "ok"
+                );
                 break;
             }
             // While the model loads: 503 with an error body.
