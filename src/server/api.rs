@@ -152,7 +152,7 @@ pub struct CompletionRequest {
 /// What a request asks of generation, validated.
 #[derive(Debug, Clone)]
 pub struct GenParams {
-    /// Most tokens to generate (None: until the end of generation or a full context).
+    /// Most tokens to generate (None: the server's default, `--n-predict`).
     pub max_tokens: Option<usize>,
     pub sampler: SamplerParams,
     pub stop: Vec<String>,
@@ -175,7 +175,9 @@ impl CommonParams {
             return Err(ApiError::bad_request("only n = 1 is supported"));
         }
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
-            None | Some(-1) => None,
+            None => None,
+            // llama.cpp's n_predict = -1: until the end of generation or a full context.
+            Some(-1) => Some(usize::MAX),
             Some(n) if n >= 1 => Some(n as usize),
             Some(n) => {
                 return Err(ApiError::bad_request(format!(
@@ -350,4 +352,32 @@ pub struct Timings {
     pub kv_bytes: usize,
     /// Bytes it would hold without eviction.
     pub kv_bytes_full: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(body: Value) -> Result<GenParams, ApiError> {
+        let req: ChatRequest = serde_json::from_value(body).unwrap();
+        req.common.validate("m", 7)
+    }
+
+    #[test]
+    fn max_tokens_default_unlimited_and_invalid() {
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        let p = params(json!({"messages": msgs})).unwrap();
+        assert_eq!(p.max_tokens, None, "absent: the server's --n-predict");
+        assert_eq!(p.sampler.seed, 7, "no seed: the random one given");
+        let p = params(json!({"messages": msgs, "max_tokens": -1})).unwrap();
+        assert_eq!(p.max_tokens, Some(usize::MAX), "-1: no limit");
+        let p = params(json!({"messages": msgs, "max_completion_tokens": 5, "max_tokens": 9}));
+        assert_eq!(p.unwrap().max_tokens, Some(5), "the newer name wins");
+        let e = params(json!({"messages": msgs, "max_tokens": 0})).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = params(json!({"messages": msgs, "model": "other"})).unwrap_err();
+        assert!(e.message.contains("unknown model"), "{}", e.message);
+        let p = params(json!({"messages": msgs, "model": "m", "stop": "x", "seed": 3})).unwrap();
+        assert_eq!((p.stop, p.sampler.seed), (vec!["x".to_string()], 3));
+    }
 }
