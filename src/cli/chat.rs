@@ -147,19 +147,10 @@ impl Conversation<'_> {
             }
             _ => {
                 warn_if_compressed(session);
-                self.l
-                    .tokenizer
-                    .encode(&rendered, self.add_bos(&rendered), true)
+                self.l.tokenizer.encode_chat(&rendered)
             }
         };
         Ok((rendered, tokens))
-    }
-
-    /// Templates that write the BOS token themselves must not get a second one.
-    fn add_bos(&self, rendered: &str) -> bool {
-        let tok = &self.l.tokenizer;
-        let bos_text = tok.bos().and_then(|b| tok.token_text(b));
-        !bos_text.is_some_and(|b| rendered.starts_with(b))
     }
 
     /// Read a document and compress it into the session: it opens the next user
@@ -182,7 +173,7 @@ impl Conversation<'_> {
             _ => {
                 warn_if_compressed(session);
                 session.clear();
-                tok.encode(before, self.add_bos(before), true)
+                tok.encode_chat(before)
             }
         };
         let text = format!("{doc}\n\n");

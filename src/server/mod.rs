@@ -277,21 +277,12 @@ async fn chat_completions(
             .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))
     };
     let rendered = render(&messages, true)?;
-    let encode = |text: &str| {
-        let tok = &r.tokenizer;
-        // Templates that write the BOS token themselves must not get a second one.
-        let writes_bos = tok
-            .bos()
-            .and_then(|b| tok.token_text(b))
-            .is_some_and(|b| text.starts_with(b));
-        tok.encode(text, tok.add_bos() && !writes_bos, true)
-    };
-    let prompt = encode(&rendered);
+    let prompt = r.tokenizer.encode_chat(&rendered);
     // A long opening system message is a document to compress once and reuse: its
     // rendered turn must tokenize as the prompt's first tokens.
     let mut document = None;
     if r.compress && messages.len() > 1 && messages[0].role == "system" {
-        let system = encode(&render(&messages[..1], false)?);
+        let system = r.tokenizer.encode_chat(&render(&messages[..1], false)?);
         if system.len() >= DOCUMENT_MIN_TOKENS && prompt.starts_with(&system) {
             document = Some(0..system.len());
         }

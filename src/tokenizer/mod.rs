@@ -530,6 +530,15 @@ impl Tokenizer {
         })
     }
 
+    /// Token ids of text rendered with a chat template: control tokens are parsed, and
+    /// BOS is added where the model wants it unless the template wrote it already
+    /// (a second one would change the model's input).
+    pub fn encode_chat(&self, rendered: &str) -> Vec<u32> {
+        let bos_text = self.bos.and_then(|b| self.token_text(b));
+        let writes_bos = bos_text.is_some_and(|b| rendered.starts_with(b));
+        self.encode(rendered, !writes_bos, true)
+    }
+
     /// Token ids of `text`, as `llama_tokenize`. `add_special` adds BOS/EOS where the
     /// model wants them; `parse_special` recognises control tokens written in the text
     /// (user-defined tokens are always recognised, as in llama.cpp).
