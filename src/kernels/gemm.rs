@@ -1,5 +1,6 @@
 //! Dense f32 matrix products for the Fast KVzip gates (their weights are small f32
-//! matrices, trained here), through the `matrixmultiply` crate: a well-kept, pure
+//! matrices, trained here) and for the attention logits that eviction policies
+//! observe, through the `matrixmultiply` crate: a well-kept, pure
 //! Rust, cache-blocked SIMD GEMM (the one `ndarray` uses). Each call runs on one
 //! thread, and an output element's value does not depend on how many rows the call
 //! has, so callers parallelise over blocks of rows and stay deterministic.

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::attention::visible;
 use super::{KvShape, LayerKv};
-use crate::kernels::softmax_exp8;
+use crate::kernels::{gemm, softmax_exp8, Mat};
 
 /// How the probabilities a pair receives from several queries combine into its score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,8 @@ pub struct Probe {
     pub keys: KeyFilter,
 }
 
-/// Rows of the batch whose queries one task observes.
+/// Rows of the batch whose queries one task observes (with a KV head's group of query
+/// heads, the rows of one matrix product).
 const ROW_BLOCK: usize = 16;
 
 /// Score the entries of an evictable `layer` by the attention probabilities that the
@@ -105,31 +106,52 @@ pub fn observe(
             let (hk, b) = (task / n_blocks, task % n_blocks);
             let (keys, idx) = &admitted[hk];
             let mut acc = vec![0f32; idx.len()];
-            let mut p = vec![0f32; idx.len().next_multiple_of(8)];
             let first = rows.start + b * ROW_BLOCK;
-            for t in first..(first + ROW_BLOCK).min(rows.end) {
-                let (start, end) = visible(&heads[hk], window, q_pos[t]);
-                let (a, e) = (
-                    idx.partition_point(|&j| j < start),
-                    idx.partition_point(|&j| j < end),
-                );
+            let block = first..(first + ROW_BLOCK).min(rows.end);
+            // Each row's admitted keys, as a range of `idx`.
+            let ranges: Vec<(usize, usize)> = block
+                .clone()
+                .map(|t| {
+                    let (start, end) = visible(&heads[hk], window, q_pos[t]);
+                    (
+                        idx.partition_point(|&j| j < start),
+                        idx.partition_point(|&j| j < end),
+                    )
+                })
+                .collect();
+            let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+            let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+            if lo >= hi {
+                return acc;
+            }
+            // The logits of the block's queries (row-major, one row per (token, query
+            // head of the group)) against the keys lo..hi, in one matrix product.
+            let qs: Vec<f32> = block
+                .clone()
+                .flat_map(|t| &q[(t * n_head + hk * gqa) * dk..(t * n_head + (hk + 1) * gqa) * dk])
+                .copied()
+                .collect();
+            let n = hi - lo;
+            let mut logits = vec![0f32; qs.len() / dk * n];
+            gemm(
+                Mat::new(&qs, qs.len() / dk, dk),
+                Mat::t(&keys[lo * dk..hi * dk], dk, n),
+                &mut logits,
+                false,
+            );
+            let mut p = vec![0f32; n.next_multiple_of(8)];
+            for (r, row) in logits.chunks_exact(n).enumerate() {
+                let (a, e) = ranges[r / gqa];
                 if a == e {
                     continue;
                 }
-                for h in hk * gqa..(hk + 1) * gqa {
-                    let qh = &q[(t * n_head + h) * dk..(t * n_head + h + 1) * dk];
-                    probabilities(
-                        qh,
-                        &keys[a * dk..e * dk],
-                        kq_scale,
-                        &mut p[..(e - a).next_multiple_of(8)],
-                    );
-                    for (s, &pj) in acc[a..e].iter_mut().zip(&p) {
-                        *s = match probe.reduce {
-                            Reduce::Sum => *s + pj,
-                            Reduce::Max => s.max(pj),
-                        };
-                    }
+                let (a, e) = (a - lo, e - lo);
+                probabilities(&row[a..e], kq_scale, &mut p[..(e - a).next_multiple_of(8)]);
+                for (s, &pj) in acc[lo + a..lo + e].iter_mut().zip(&p) {
+                    *s = match probe.reduce {
+                        Reduce::Sum => *s + pj,
+                        Reduce::Max => s.max(pj),
+                    };
                 }
             }
             acc
@@ -148,13 +170,13 @@ pub fn observe(
     }
 }
 
-/// Softmax of one query over `keys` (rows of `q.len()`), into `p` (padded to a
+/// Softmax of one query's `logits` (before `kq_scale`) into `p` (padded to a
 /// multiple of 8; the padding gets 0).
-fn probabilities(q: &[f32], keys: &[f32], kq_scale: f32, p: &mut [f32]) {
-    let n = keys.len() / q.len();
+fn probabilities(logits: &[f32], kq_scale: f32, p: &mut [f32]) {
+    let n = logits.len();
     let mut max = f32::NEG_INFINITY;
-    for (pj, k) in p.iter_mut().zip(keys.chunks_exact(q.len())) {
-        *pj = dot(q, k) * kq_scale;
+    for (pj, &l) in p.iter_mut().zip(logits) {
+        *pj = l * kq_scale;
         max = max.max(*pj);
     }
     p[n..].fill(f32::NEG_INFINITY);
@@ -164,25 +186,6 @@ fn probabilities(q: &[f32], keys: &[f32], kq_scale: f32, p: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     p.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// f32 dot product in eight lanes (vectorised by the compiler).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        let (x, y): (&[f32; 8], &[f32; 8]) = (x.try_into().expect("8"), y.try_into().expect("8"));
-        for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
@@ -282,6 +285,60 @@ mod tests {
         }
         for (got, want) in score.iter().zip(want) {
             assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn blocks_of_rows_and_groups_match_a_direct_softmax() {
+        // 40 causal queries (three row blocks) in 4 query heads over 2 KV heads.
+        let (n, n_head, hk, dk) = (40, 4, 2, 2);
+        let mut c = KvCache::new(shape(hk));
+        let k: Vec<f32> = (0..n * hk * dk).map(|i| (i as f32 * 0.61).sin()).collect();
+        c.append(0, n, &k, &vec![0.0; n * hk * dk]);
+        c.advance(n);
+        let q: Vec<f32> = (0..n * n_head * dk)
+            .map(|i| (i as f32 * 0.37).cos() * 2.0)
+            .collect();
+        let pos: Vec<u32> = (0..n as u32).collect();
+        for reduce in [Reduce::Sum, Reduce::Max] {
+            let mut c = c.clone();
+            let probe = Probe {
+                first_row: 3,
+                reduce,
+                keys: KeyFilter::Visible,
+            };
+            let s = c.shape.clone();
+            observe(&mut c.layers[0], &s, n_head, &q, &pos, 0.7, &probe);
+            for h in 0..hk {
+                // The cache holds keys in f16.
+                let f16 = |x: f32| half::f16::from_f32(x).to_f64();
+                let key = |j: usize| {
+                    let at = (j * hk + h) * dk;
+                    (f16(k[at]), f16(k[at + 1]))
+                };
+                let mut want = vec![0f64; n];
+                for t in 3..n {
+                    for qh in h * 2..h * 2 + 2 {
+                        let at = (t * n_head + qh) * dk;
+                        let (qa, qb) = (q[at] as f64, q[at + 1] as f64);
+                        let scores: Vec<f64> = (0..=t)
+                            .map(|j| 0.7 * (qa * key(j).0 + qb * key(j).1))
+                            .collect();
+                        for (j, pr) in softmax(&scores).into_iter().enumerate() {
+                            want[j] = match reduce {
+                                Reduce::Sum => want[j] + pr,
+                                Reduce::Max => want[j].max(pr),
+                            };
+                        }
+                    }
+                }
+                for (got, want) in c.layers[0].heads[h].score.iter().zip(&want) {
+                    assert!(
+                        (*got as f64 - want).abs() < 1e-5,
+                        "{reduce:?}: {got} vs {want}"
+                    );
+                }
+            }
         }
     }
 
