@@ -271,9 +271,44 @@ fn bench_compares_with_llama_cpp() {
     assert_eq!(test_names(&r), ["pp16", "tg4"]);
     for t in r["tests"].as_array().unwrap() {
         let ours = t["fastkv_tps"].as_f64().unwrap();
-        let theirs = t["llama_cpp_tps"].as_f64().unwrap();
+        let theirs = t["other_tps"].as_f64().unwrap();
         assert!(ours > 0.0 && theirs > 0.0, "{t}");
         assert!((t["ratio"].as_f64().unwrap() - ours / theirs).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn bench_compares_a_policy_with_the_full_cache() {
+    // Gates at keep 1.0 score every token and evict nothing: the bench then measures
+    // what scoring costs, against fastkv's full cache in the same run.
+    let Some(r) = bench_json(&[
+        "--compare",
+        "full",
+        "--kv-policy",
+        "gated",
+        "--kv-keep",
+        "1.0",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+    ]) else {
+        return;
+    };
+    assert_eq!(r["compare"], "full");
+    assert_eq!(r["kv_policy"], "gated");
+    assert!(r.get("llama_cpp_flash_attn").is_none(), "{r}");
+    for t in r["tests"].as_array().unwrap() {
+        let ours = t["fastkv_tps"].as_f64().unwrap();
+        let theirs = t["other_tps"].as_f64().unwrap();
+        assert!(ours > 0.0 && theirs > 0.0, "{t}");
+        assert!((t["ratio"].as_f64().unwrap() - ours / theirs).abs() < 1e-9);
+        if t["n_gen"].as_u64().unwrap() > 0 {
+            // Nothing is evicted, so both sides hold and read the same KV bytes.
+            assert_eq!(t["bytes_per_token"], t["other_bytes_per_token"], "{t}");
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! `fastkv bench`: prompt-processing and generation speed, measured as llama.cpp's
 //! `llama-bench` measures them (same flags, test names and table), optionally side by
-//! side with llama.cpp itself, plus a decode roofline: bytes read per generated token
-//! against a memory bandwidth the bench measures on the spot.
+//! side with llama.cpp itself or with fastkv's own full cache (what a KV policy costs
+//! or saves), plus a decode roofline: bytes read per generated token against a memory
+//! bandwidth the bench measures on the spot.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -53,8 +54,8 @@ pub struct BenchArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Md)]
     pub output: Format,
-    /// Also run another runtime on the same model, alternating runs, and report both
-    /// (medians) and the ratio fastkv / other.
+    /// Also run another configuration on the same model, alternating runs, and report
+    /// both (medians) and the ratio fastkv / other.
     #[arg(long = "compare", value_enum)]
     pub compare: Option<Compare>,
     /// KV eviction: with --kv-keep, the depth fill is compressed (query-agnostic, as
@@ -75,6 +76,36 @@ pub enum Compare {
     /// llama.cpp built from the same ggml source, through the ggml-sys crate.
     #[value(name = "llama.cpp")]
     LlamaCpp,
+    /// fastkv with the full cache and no gates: the cost (or gain) of --kv-policy.
+    Full,
+}
+
+impl Compare {
+    fn label(self) -> &'static str {
+        match self {
+            Compare::LlamaCpp => "llama.cpp",
+            Compare::Full => "full",
+        }
+    }
+}
+
+/// The other side of `--compare`, for one test.
+enum Other<'m> {
+    LlamaCpp(RefContext<'m>),
+    Full(Box<Session<'m>>),
+}
+
+impl Other<'_> {
+    /// One run of `test`: seconds, and for fastkv the KV bytes held on average.
+    fn run(&mut self, tokens: &TokenSource, test: &TestSpec) -> Result<(f64, Option<f64>)> {
+        Ok(match self {
+            Other::LlamaCpp(ctx) => (llama_run(ctx, tokens, test)?, None),
+            Other::Full(session) => {
+                let s = fastkv_run(session, tokens, test)?;
+                (s.secs, Some((s.kv_start + s.kv_end) as f64 / 2.0))
+            }
+        })
+    }
 }
 
 /// One test: `n_prompt` tokens in one go or `n_gen` single-token steps, after
@@ -377,15 +408,18 @@ struct TestResult {
     bytes_per_token: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     achieved_gbs: Option<f64>,
-    /// `--compare`: medians of both and their ratio.
+    /// `--compare`: medians of both and their ratio, the other side's samples and
+    /// (generation tests) the bytes it reads per token.
     #[serde(skip_serializing_if = "Option::is_none")]
     fastkv_tps: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    llama_cpp_tps: Option<f64>,
+    other_tps: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    llama_cpp_samples_ts: Option<Vec<f64>>,
+    other_samples_ts: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    other_bytes_per_token: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -447,20 +481,21 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 .map_err(|e| anyhow!(e))
                 .context("--compare llama.cpp")?,
         ),
-        None => None,
+        _ => None,
     };
     eprintln!(
         "fastkv bench: {} ({n_threads} threads, {} reps{})",
         info.model_filename,
         a.reps,
-        if reference.is_some() {
-            ", alternating with llama.cpp"
-        } else {
-            ""
+        match a.compare {
+            Some(Compare::LlamaCpp) => ", alternating with llama.cpp",
+            Some(Compare::Full) => ", alternating with fastkv's full cache",
+            None => "",
         }
     );
     let kv = a.kv.config(0)?;
-    if kv.is_active() {
+    let kv_active = kv.is_active();
+    if kv_active {
         eprintln!(
             "fastkv KV eviction: {}, keep {}, level {} (the depth fill is compressed before each test)",
             kv.policy, kv.keep, kv.level
@@ -476,8 +511,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let mut session = Session::new(model, spec.n_ctx());
         a.kv.apply(&mut session, &loaded, 0, None)?;
         session.set_prefill_chunk(UBATCH);
-        let mut ref_ctx = match &reference {
-            Some(r) => Some(
+        let mut other = match (a.compare, &reference) {
+            (Some(Compare::LlamaCpp), Some(r)) => Some(Other::LlamaCpp(
                 RefContext::new(
                     r,
                     RefContextParams {
@@ -488,26 +523,43 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     },
                 )
                 .map_err(|e| anyhow!(e))?,
-            ),
-            None => None,
+            )),
+            (Some(Compare::Full), _) => {
+                let mut full = Session::new(model, spec.n_ctx());
+                full.set_prefill_chunk(UBATCH);
+                Some(Other::Full(Box::new(full)))
+            }
+            _ => None,
         };
         fastkv_run(&mut session, &tokens, &warm_up(spec))?;
-        if let Some(ctx) = ref_ctx.as_mut() {
-            llama_run(ctx, &tokens, &warm_up(spec))?;
+        if let Some(o) = other.as_mut() {
+            o.run(&tokens, &warm_up(spec))?;
         }
-        let (mut ours, mut theirs, mut kv) = (vec![], vec![], vec![]);
+        let (mut ours, mut theirs, mut kv, mut their_kv) = (vec![], vec![], vec![], vec![]);
         for _ in 0..a.reps {
             let s = fastkv_run(&mut session, &tokens, spec)?;
             ours.push(spec.n_tokens() as f64 / s.secs);
             kv.push((s.kv_start + s.kv_end) as f64 / 2.0);
-            if let Some(ctx) = ref_ctx.as_mut() {
-                theirs.push(spec.n_tokens() as f64 / llama_run(ctx, &tokens, spec)?);
+            if let Some(o) = other.as_mut() {
+                let (secs, kv) = o.run(&tokens, spec)?;
+                theirs.push(spec.n_tokens() as f64 / secs);
+                their_kv.extend(kv);
             }
         }
         let (avg, sd) = mean_sd(&ours);
-        let bytes_per_token =
-            (spec.n_gen > 0).then(|| info.weight_bytes_per_token as f64 + mean_sd(&kv).0);
+        let weights = info.weight_bytes_per_token as f64;
+        let bytes_per_token = (spec.n_gen > 0).then(|| weights + mean_sd(&kv).0);
         let compared = !theirs.is_empty();
+        // What the other side reads per token: fastkv's full cache measures it;
+        // llama.cpp reads what fastkv does unless fastkv evicts (llama.cpp keeps its
+        // full cache), and then it is not known here.
+        let other_bytes_per_token = bytes_per_token.filter(|_| compared).and_then(|b| {
+            if !their_kv.is_empty() {
+                Some(weights + mean_sd(&their_kv).0)
+            } else {
+                (!kv_active).then_some(b)
+            }
+        });
         results.push(TestResult {
             test: spec.name(),
             n_prompt: spec.n_prompt,
@@ -518,9 +570,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             bytes_per_token,
             achieved_gbs: bytes_per_token.map(|b| b * avg / 1e9),
             fastkv_tps: compared.then(|| median(&ours)),
-            llama_cpp_tps: compared.then(|| median(&theirs)),
+            other_tps: compared.then(|| median(&theirs)),
             ratio: compared.then(|| median(&ours) / median(&theirs)),
-            llama_cpp_samples_ts: compared.then_some(theirs),
+            other_samples_ts: compared.then_some(theirs),
+            other_bytes_per_token,
             samples_ts: ours,
         });
     }
@@ -531,7 +584,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         n_ubatch: UBATCH,
         repetitions: a.reps,
         memory_bandwidth_gbs: bandwidth,
-        compare: reference.is_some().then_some("llama.cpp"),
+        compare: a.compare.map(Compare::label),
         llama_cpp_flash_attn: reference.is_some().then_some(LLAMA_FLASH_ATTN),
         kv_policy: if kv.is_active() || kv.policy == Policy::Gated {
             kv.policy
@@ -618,6 +671,19 @@ fn md_table(header: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
 
 fn markdown(r: &Report) -> String {
     let compared = r.compare.is_some();
+    // Column names: "fastkv" against llama.cpp; the policy against fastkv's full cache.
+    let other = r.compare.unwrap_or_default();
+    let ours = if other == Compare::Full.label() {
+        r.kv_policy.as_str()
+    } else {
+        "fastkv"
+    };
+    let (ours_ts, other_ts, ratio) = (
+        format!("{ours} t/s"),
+        format!("{other} t/s"),
+        format!("{ours} / {other}"),
+    );
+    let (ours_gbs, other_gbs) = (format!("{ours} GB/s"), format!("{other} GB/s"));
     let lead = |t: &TestResult| {
         vec![
             r.model.model_type.clone(),
@@ -631,14 +697,14 @@ fn markdown(r: &Report) -> String {
     let mut header = vec!["model", "size", "params", "backend", "threads", "test"];
     let mut right = vec![false, true, true, false, true, true];
     let rows: Vec<Vec<String>> = if compared {
-        header.extend(["fastkv t/s", "llama.cpp t/s", "fastkv / llama.cpp"]);
+        header.extend([ours_ts.as_str(), other_ts.as_str(), ratio.as_str()]);
         right.extend([true, true, true]);
         r.tests
             .iter()
             .map(|t| {
                 let mut row = lead(t);
                 row.push(format!("{:.2}", t.fastkv_tps.unwrap_or(0.0)));
-                row.push(format!("{:.2}", t.llama_cpp_tps.unwrap_or(0.0)));
+                row.push(format!("{:.2}", t.other_tps.unwrap_or(0.0)));
                 row.push(format!("{:.2}", t.ratio.unwrap_or(0.0)));
                 row
             })
@@ -656,25 +722,27 @@ fn markdown(r: &Report) -> String {
             .collect()
     };
     let mut out = md_table(&header, &right, &rows);
-    if compared {
+    if let Some(flash) = r.llama_cpp_flash_attn {
         out += &format!(
             "\nt/s: medians of {} runs, fastkv and llama.cpp alternating; llama.cpp with \
              flash attention {} (llama-bench's CPU default, -fa auto), n_ubatch {}.\n",
             r.repetitions,
-            if r.llama_cpp_flash_attn == Some(true) {
-                "on"
-            } else {
-                "off"
-            },
+            if flash { "on" } else { "off" },
             r.n_ubatch
+        );
+    } else if compared {
+        out += &format!(
+            "\nt/s: medians of {} runs, fastkv with --kv-policy {} (keep {}) and with the \
+             full cache alternating, n_ubatch {}.\n",
+            r.repetitions, r.kv_policy, r.kv_keep, r.n_ubatch
         );
     }
     let decode: Vec<&TestResult> = r.tests.iter().filter(|t| t.n_gen > 0).collect();
     if !decode.is_empty() {
-        let mut header = vec!["test", "MB/token", "fastkv t/s", "fastkv GB/s"];
+        let mut header = vec!["test", "MB/token", ours_ts.as_str(), ours_gbs.as_str()];
         let mut right = vec![true; 4];
         if compared {
-            header.extend(["llama.cpp t/s", "llama.cpp GB/s"]);
+            header.extend([other_ts.as_str(), other_gbs.as_str()]);
             right.extend([true, true]);
         }
         header.push("of bandwidth");
@@ -691,9 +759,12 @@ fn markdown(r: &Report) -> String {
                     format!("{ours:.2}"),
                     format!("{:.2}", b * ours / 1e9),
                 ];
-                if let Some(theirs) = t.llama_cpp_tps {
+                if let Some(theirs) = t.other_tps {
                     row.push(format!("{theirs:.2}"));
-                    row.push(format!("{:.2}", b * theirs / 1e9));
+                    row.push(
+                        t.other_bytes_per_token
+                            .map_or("–".into(), |b| format!("{:.2}", b * theirs / 1e9)),
+                    );
                 }
                 row.push(format!(
                     "{:.0}%",
@@ -722,7 +793,7 @@ fn csv(r: &Report) -> String {
          memory_bandwidth_gbs",
     );
     if compared {
-        out += ",fastkv_tps,llama_cpp_tps,ratio";
+        out += ",compare,fastkv_tps,other_tps,ratio";
     }
     out += "\n";
     let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
@@ -748,9 +819,10 @@ fn csv(r: &Report) -> String {
         );
         if compared {
             out += &format!(
-                ",{},{},{}",
+                ",{},{},{},{}",
+                q(r.compare.unwrap_or_default()),
                 opt(t.fastkv_tps),
-                opt(t.llama_cpp_tps),
+                opt(t.other_tps),
                 opt(t.ratio)
             );
         }
