@@ -38,19 +38,12 @@ pub enum RopeStyle {
     Neox,
 }
 
-/// Rotary position embedding of one head vector `x` (length = head dim) at position
-/// `pos`, rotating the first `n_rot` dimensions. The angle of pair i is
-/// `freq_scale * pos * base^(-2i/n_rot)` (`freq_scale` < 1 is linear scaling), built
-/// by repeated multiplication in f32 as ggml does.
-pub fn rope(x: &mut [f32], pos: f32, n_rot: usize, base: f32, freq_scale: f32, style: RopeStyle) {
-    let mut angles = Vec::new();
-    rope_angles(pos, n_rot, base, freq_scale, &mut angles);
-    rope_rotate(x, &angles, style);
-}
-
-/// The (cos, sin) of [`rope`]'s angle for each pair at position `pos`, into `out`.
-/// Computed once per token and shared by all its heads, as ggml's rope cache is
-/// (the sines and cosines cost more than the rotations).
+/// Rotary position embedding, part 1: the (cos, sin) of each pair's angle at
+/// position `pos`, into `out`, for rotating the first `n_rot` dimensions of a head.
+/// The angle of pair i is `freq_scale * pos * base^(-2i/n_rot)` (`freq_scale` < 1 is
+/// linear scaling), built by repeated multiplication in f32 as ggml does. Computed
+/// once per token and shared by all its heads, as ggml's rope cache is (the sines
+/// and cosines cost more than the rotations).
 pub fn rope_angles(pos: f32, n_rot: usize, base: f32, freq_scale: f32, out: &mut Vec<(f32, f32)>) {
     let theta_scale = base.powf(-2.0 / n_rot as f32);
     let mut theta = pos;
@@ -62,7 +55,8 @@ pub fn rope_angles(pos: f32, n_rot: usize, base: f32, freq_scale: f32, out: &mut
     }
 }
 
-/// Rotate one head by [`rope_angles`].
+/// Rotary position embedding, part 2: rotate one head vector `x` (length = head
+/// dim) by [`rope_angles`].
 pub fn rope_rotate(x: &mut [f32], angles: &[(f32, f32)], style: RopeStyle) {
     let half = angles.len();
     for (i, &(c, s)) in angles.iter().enumerate() {
@@ -224,6 +218,12 @@ mod tests {
         let rms = (12.5f32).sqrt();
         assert!((out[0] - 3.0 / rms).abs() < 1e-6);
         assert!((out[1] - 8.0 / rms).abs() < 1e-6);
+    }
+
+    fn rope(x: &mut [f32], pos: f32, n_rot: usize, base: f32, scale: f32, style: RopeStyle) {
+        let mut angles = Vec::new();
+        rope_angles(pos, n_rot, base, scale, &mut angles);
+        rope_rotate(x, &angles, style);
     }
 
     #[test]

@@ -8,9 +8,9 @@ pub use config::{Activation, Arch, Config};
 
 use std::path::Path;
 
-use crate::gguf::{GgufError, GgufFile};
 use rayon::prelude::*;
 
+use crate::gguf::{GgufError, GgufFile};
 use crate::kernels::{
     self, matmul, matmuls, rmsnorm, rmsnorm_inplace, rope_angles, rope_rotate, Activations,
     GgmlType, QMatrix,
