@@ -84,6 +84,33 @@ fn train_gates_end_to_end_on_a_tiny_model() {
     let corpus = corpus(dir.path());
     let (m, c) = (model.to_str().unwrap(), corpus.to_str().unwrap());
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    // Asking for eviction without naming a policy: snapkv while the model has no
+    // gates, the gates once they are trained (below).
+    let doc = dir.path().join("doc.txt");
+    let lines = std::fs::read_to_string(&corpus).unwrap();
+    std::fs::write(&doc, &lines[..400]).unwrap();
+    let unnamed_policy = || {
+        let o = fastkv(&[
+            "run",
+            "-m",
+            m,
+            "-c",
+            "0",
+            "--context-file",
+            doc.to_str().unwrap(),
+            "-p",
+            "Line 3:",
+            "-n",
+            "1",
+            "--kv-keep",
+            "0.5",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    let err = unnamed_policy();
+    assert!(err.contains("; snapkv, keep 0.5"), "{err}");
+
     let (out1, work1) = (p("tiny.gates.gguf"), p("work1"));
     let mut args = train_args(m, c, &out1, &work1);
     args.extend(["-t", "1"]);
@@ -116,6 +143,10 @@ fn train_gates_end_to_end_on_a_tiny_model() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("from an earlier run"), "{}", stderr(&o));
     assert!(std::fs::read(&out2).unwrap() == a);
+
+    // Now that the model has gates, they are what eviction uses by default.
+    let err = unnamed_policy();
+    assert!(err.contains("; gated, keep 0.5"), "{err}");
 
     // The gated policy finds the gates next to the model and runs.
     let o = fastkv(&[

@@ -493,7 +493,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             None => "",
         }
     );
-    let kv = a.kv.config(0)?;
+    let (kv, _) = a.kv.resolve(0, &loaded)?;
     let kv_active = kv.is_active();
     if kv_active {
         eprintln!(

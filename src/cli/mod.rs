@@ -76,7 +76,8 @@ pub struct ModelArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct KvArgs {
     /// KV eviction policy: full, streaming, h2o, snapkv, kvzip, gated, random
-    /// [default: snapkv when --kv-keep or --kv-budget is given, else full].
+    /// [default: when --kv-keep or --kv-budget is given, gated where gates for the
+    /// model are found (or named by --gates), else snapkv; without them, full].
     #[arg(long = "kv-policy")]
     pub policy: Option<String>,
     /// Fast KVzip gate file for --kv-policy gated [default: the *.gates.gguf trained
@@ -103,7 +104,9 @@ pub struct KvArgs {
 }
 
 impl KvArgs {
-    /// The eviction settings these flags ask for (`seed` drives the random policy).
+    /// The eviction settings these flags ask for (`seed` drives the random policy),
+    /// before the model is known: where no policy is named, eviction uses snapkv.
+    /// [`KvArgs::resolve`] gives the settings for a loaded model.
     pub fn config(&self, seed: u64) -> Result<EvictionConfig> {
         let policy = match &self.policy {
             Some(p) => p.parse::<Policy>()?,
@@ -141,6 +144,30 @@ impl KvArgs {
         Ok(cfg)
     }
 
+    /// The eviction settings for the model in `l`, and the gates they need. Where
+    /// eviction is asked for without naming a policy, it is the method this runtime
+    /// is built around: Fast KVzip gates, when gates trained for the model are found
+    /// (or named by --gates). Without gates it is snapkv, the best baseline that
+    /// needs no extra pass.
+    pub fn resolve(&self, seed: u64, l: &Loaded) -> Result<(EvictionConfig, Option<Arc<Gates>>)> {
+        let mut cfg = self.config(seed)?;
+        let unnamed = self.policy.is_none() && cfg.policy != Policy::Full;
+        if unnamed && (self.gates.is_some() || find_gates(&l.model, &l.path).is_ok()) {
+            cfg.policy = Policy::Gated;
+            if self.level.is_none() {
+                cfg.level = Policy::Gated.default_level();
+            }
+        }
+        let gates = if cfg.policy == Policy::Gated {
+            Some(load_gates(self.gates.as_deref(), l)?)
+        } else if self.gates.is_some() {
+            bail!("--gates is for --kv-policy gated");
+        } else {
+            None
+        };
+        Ok((cfg, gates))
+    }
+
     /// Apply these flags to a session. `chat` is the template the session's text is
     /// rendered with, None for plain text: the KVzip teacher's repeat prompt follows it.
     pub fn apply(
@@ -150,11 +177,9 @@ impl KvArgs {
         seed: u64,
         chat: Option<&ChatTemplate>,
     ) -> Result<()> {
-        let cfg = self.config(seed)?;
-        if cfg.policy == Policy::Gated {
-            session.set_gates(load_gates(self.gates.as_deref(), l)?);
-        } else if self.gates.is_some() {
-            bail!("--gates is for --kv-policy gated");
+        let (cfg, gates) = self.resolve(seed, l)?;
+        if let Some(g) = gates {
+            session.set_gates(g);
         }
         if cfg.policy == Policy::KvZip {
             session.set_teacher_prompt(match chat {
