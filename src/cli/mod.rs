@@ -147,8 +147,7 @@ impl KvArgs {
     /// The eviction settings for the model in `l`, and the gates they need. Where
     /// eviction is asked for without naming a policy, it is the method this runtime
     /// is built around: Fast KVzip gates, when gates trained for the model are found
-    /// (or named by --gates). Without gates it is snapkv, the best baseline that
-    /// needs no extra pass.
+    /// (or named by --gates). Without gates it stays snapkv.
     pub fn resolve(&self, seed: u64, l: &Loaded) -> Result<(EvictionConfig, Option<Arc<Gates>>)> {
         let mut cfg = self.config(seed)?;
         let unnamed = self.policy.is_none() && cfg.policy != Policy::Full;
