@@ -1,8 +1,8 @@
 //! Fast KVzip gates end to end: `train-gates` on a tiny model (deterministic,
 //! resumable, the same with 1 and 2 threads, a gate file only its model accepts, the
-//! policy eviction uses when none is named),
-//! and the gates shipped for the reference models (they predict the teacher on text
-//! they were not trained on, and evict in prefill and under a decode budget).
+//! policy eviction uses when none is named), and the gates shipped for the reference
+//! models (they predict the teacher on text they were not trained on, and evict in
+//! prefill and under a decode budget).
 mod common;
 
 use std::path::{Path, PathBuf};
