@@ -493,7 +493,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             None => "",
         }
     );
-    let (kv, _) = a.kv.resolve(0, &loaded)?;
+    let (kv, gates) = a.kv.resolve(0, &loaded)?;
     let kv_active = kv.is_active();
     if kv_active {
         eprintln!(
@@ -509,7 +509,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for spec in &specs {
         eprintln!("  {} ...", spec.name());
         let mut session = Session::new(model, spec.n_ctx());
-        a.kv.apply(&mut session, &loaded, 0, None)?;
+        a.kv.install(&mut session, &loaded, kv.clone(), gates.clone(), None)?;
         session.set_prefill_chunk(UBATCH);
         let mut other = match (a.compare, &reference) {
             (Some(Compare::LlamaCpp), Some(r)) => Some(Other::LlamaCpp(

@@ -177,6 +177,19 @@ impl KvArgs {
         chat: Option<&ChatTemplate>,
     ) -> Result<()> {
         let (cfg, gates) = self.resolve(seed, l)?;
+        self.install(session, l, cfg, gates, chat)
+    }
+
+    /// Put settings from [`KvArgs::resolve`] on a session, as [`KvArgs::apply`] does;
+    /// for callers that set up many sessions from one resolution.
+    pub fn install(
+        &self,
+        session: &mut Session,
+        l: &Loaded,
+        cfg: EvictionConfig,
+        gates: Option<Arc<Gates>>,
+        chat: Option<&ChatTemplate>,
+    ) -> Result<()> {
         if let Some(g) = gates {
             session.set_gates(g);
         }
