@@ -9,12 +9,14 @@
 //! order. Each output element is computed once, in one fixed order, so results do
 //! not depend on the number of threads.
 mod attend;
+mod flash;
 mod gemm;
 mod ops;
 mod tile;
 mod types;
 
 pub use attend::attend_one;
+pub use flash::{tile_accumulate, tile_scores, TILE};
 pub use gemm::{gemm, Mat};
 pub use ops::*;
 pub use types::GgmlType;

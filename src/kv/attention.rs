@@ -1,13 +1,12 @@
 //! Causal attention over the ragged cache.
 use rayon::prelude::*;
 
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 
 use super::{HeadKv, KvShape, LayerKv};
-use crate::kernels::{attend_one, softmax_exp8, to_f16};
-
-/// Keys per tile (llama.cpp's CPU flash attention uses 64 as well).
-const KV_TILE: usize = 64;
+use crate::kernels::{
+    attend_one, softmax_exp8, tile_accumulate, tile_scores, to_f16, TILE as KV_TILE,
+};
 /// Tokens whose queries share one pass over the keys.
 const Q_BLOCK: usize = 16;
 /// Batches of fewer tokens use the one-query kernel, as llama.cpp's do (its tiled
@@ -55,31 +54,213 @@ pub fn attention(
         );
         return;
     }
-    // One task per block of tokens, writing its own rows of the output.
-    out.par_chunks_mut(Q_BLOCK * n_head * dv)
-        .enumerate()
-        .for_each(|(b, rows)| {
-            let tokens = b * Q_BLOCK..((b + 1) * Q_BLOCK).min(n);
-            for (hk, head) in layer.heads.iter().enumerate() {
-                let queries: Vec<(usize, usize)> = tokens
-                    .clone()
+    for (hk, head) in layer.heads.iter().enumerate() {
+        // Blocks of Q_BLOCK tokens: their queries of this KV head's group, the keys
+        // each may see, and the online softmax state.
+        let mut blocks: Vec<QueryBlock> = (0..n.div_ceil(Q_BLOCK))
+            .map(|b| {
+                let queries: Vec<(usize, usize)> = (b * Q_BLOCK..((b + 1) * Q_BLOCK).min(n))
                     .flat_map(|t| (hk * gqa..(hk + 1) * gqa).map(move |h| (t, h)))
                     .collect();
-                let ranges: Vec<(usize, usize)> = queries
+                let ranges = queries
                     .iter()
                     .map(|&(t, _)| visible(head, layer.window, q_pos[t]))
                     .collect();
-                let qs: Vec<&[f32]> = queries
+                QueryBlock::new(queries, ranges, dv)
+            })
+            .collect();
+        let lo = blocks.iter().map(|b| b.lo).min().unwrap_or(0);
+        let hi = blocks.iter().map(|b| b.hi).max().unwrap_or(0);
+        // Slabs of keys, converted from f16 once for every block.
+        let mut slab = Slab::new(dk, dv);
+        let mut s0 = lo / KV_TILE * KV_TILE;
+        while s0 < hi {
+            let s1 = (s0 + SLAB).min(hi);
+            slab.load(head, s0, lo.max(s0)..s1);
+            blocks.par_iter_mut().for_each(|b| {
+                let qs: Vec<&[f32]> = b
+                    .queries
                     .iter()
                     .map(|&(t, h)| &q[(t * n_head + h) * dk..(t * n_head + h + 1) * dk])
                     .collect();
-                let res = block_attention(head, dk, dv, &qs, &ranges, kq_scale);
-                for (&(t, h), o) in queries.iter().zip(res.chunks_exact(dv)) {
-                    let row = (t - tokens.start) * n_head + h;
-                    rows[row * dv..(row + 1) * dv].copy_from_slice(o);
-                }
+                b.attend(head, &slab, s1, &qs, kq_scale);
+            });
+            s0 = s1;
+        }
+        for b in blocks {
+            b.finish(out, n_head);
+        }
+    }
+}
+
+/// Keys converted from f16 at a time, for every block of queries to share; a
+/// multiple of the tile, it bounds the f32 copy to SLAB x (dk + dv) x 4 bytes.
+const SLAB: usize = 2048;
+
+/// A slab of a list's keys and values in f32, from list index `start` (a multiple
+/// of the tile): keys transposed tile by tile (`kt[tile][d][c]`), values as rows.
+struct Slab {
+    start: usize,
+    dk: usize,
+    dv: usize,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+}
+
+impl Slab {
+    fn new(dk: usize, dv: usize) -> Self {
+        Self {
+            start: 0,
+            dk,
+            dv,
+            kt: vec![0f32; SLAB * dk],
+            vt: vec![0f32; SLAB * dv],
+        }
+    }
+
+    /// Convert the entries `keys` of `head` into the slab that starts at `start`
+    /// (entries of its tiles outside `keys` are left as they were: no query sees them).
+    fn load(&mut self, head: &HeadKv, start: usize, keys: std::ops::Range<usize>) {
+        let (dk, dv) = (self.dk, self.dv);
+        self.start = start;
+        self.kt
+            .par_chunks_mut(dk * KV_TILE)
+            .zip(self.vt.par_chunks_mut(dv * KV_TILE))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; dk],
+                |row, (i, (kt, vt))| {
+                    let t0 = start + i * KV_TILE;
+                    for j in keys.start.max(t0)..keys.end.min(t0 + KV_TILE) {
+                        let c = j - t0;
+                        head.k[j * dk..(j + 1) * dk].convert_to_f32_slice(row);
+                        for (d, &x) in row.iter().enumerate() {
+                            kt[d * KV_TILE + c] = x;
+                        }
+                        head.v[j * dv..(j + 1) * dv]
+                            .convert_to_f32_slice(&mut vt[c * dv..(c + 1) * dv]);
+                    }
+                },
+            );
+    }
+}
+
+/// The queries of a block of tokens for one KV head, and their online softmax state.
+struct QueryBlock {
+    /// (token, query head) of each query.
+    queries: Vec<(usize, usize)>,
+    /// The list indices each query may see.
+    ranges: Vec<(usize, usize)>,
+    /// The union of the ranges.
+    lo: usize,
+    hi: usize,
+    out: Vec<f32>,
+    m: Vec<f32>,
+    sum: Vec<f32>,
+    /// Every query's scores against the current tile.
+    scores: Vec<f32>,
+}
+
+impl QueryBlock {
+    fn new(queries: Vec<(usize, usize)>, ranges: Vec<(usize, usize)>, dv: usize) -> Self {
+        let nq = queries.len();
+        Self {
+            lo: ranges
+                .iter()
+                .map(|r: &(usize, usize)| r.0)
+                .min()
+                .unwrap_or(0),
+            hi: ranges.iter().map(|r| r.1).max().unwrap_or(0),
+            queries,
+            ranges,
+            out: vec![0f32; nq * dv],
+            m: vec![f32::NEG_INFINITY; nq],
+            sum: vec![0f32; nq],
+            scores: vec![0f32; nq * KV_TILE],
+        }
+    }
+
+    /// Attend over the tiles of `slab` (up to list index `end`) that the block's
+    /// queries `qs` see.
+    fn attend(&mut self, head: &HeadKv, slab: &Slab, end: usize, qs: &[&[f32]], kq_scale: f32) {
+        let (dk, dv) = (slab.dk, slab.dv);
+        let first = self.lo.max(slab.start) / KV_TILE * KV_TILE;
+        for t0 in (first..end.min(self.hi)).step_by(KV_TILE) {
+            let tile = (t0 - slab.start) / KV_TILE;
+            let kt = &slab.kt[tile * dk * KV_TILE..(tile + 1) * dk * KV_TILE];
+            let vt = &slab.vt[tile * dv * KV_TILE..(tile + 1) * dv * KV_TILE];
+            self.attend_tile(head, t0, kt, vt, qs, kq_scale, dv);
+        }
+    }
+
+    /// One tile of keys (list indices `t0..t0 + KV_TILE`, converted in `kt`, `vt`):
+    /// the tiled online softmax of llama.cpp's CPU flash attention.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_tile(
+        &mut self,
+        head: &HeadKv,
+        t0: usize,
+        kt: &[f32],
+        vt: &[f32],
+        qs: &[&[f32]],
+        kq_scale: f32,
+        dv: usize,
+    ) {
+        let dk = kt.len() / KV_TILE;
+        // Queries that see nothing of this tile need no scores.
+        let sees = |&(start, end): &(usize, usize)| t0.max(start) < (t0 + KV_TILE).min(end);
+        let active: Vec<usize> = (0..qs.len()).filter(|&i| sees(&self.ranges[i])).collect();
+        let aq: Vec<&[f32]> = active.iter().map(|&i| qs[i]).collect();
+        tile_scores(&aq, kt, dk, &mut self.scores[..aq.len() * KV_TILE]);
+        for (&i, scores) in active.iter().zip(self.scores.chunks_exact_mut(KV_TILE)) {
+            let (start, end) = self.ranges[i];
+            let (ca, cb) = (t0.max(start) - t0, (t0 + KV_TILE).min(end) - t0);
+            let scores: &mut [f32; KV_TILE] = scores.try_into().expect("a tile of scores");
+            for (c, x) in scores.iter_mut().enumerate() {
+                *x = if (ca..cb).contains(&c) && !head.is_masked(t0 + c) {
+                    *x * kq_scale
+                } else {
+                    f32::NEG_INFINITY
+                };
             }
-        });
+            let o = &mut self.out[i * dv..(i + 1) * dv];
+            let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if tile_max == f32::NEG_INFINITY {
+                continue; // every visible key of the tile is masked
+            }
+            let m_new = self.m[i].max(tile_max);
+            if m_new > self.m[i] {
+                let ms = (self.m[i] - m_new).exp();
+                o.iter_mut().for_each(|v| *v *= ms);
+                self.sum[i] *= ms;
+            }
+            self.m[i] = m_new;
+            let mut tile_sum = 0f64;
+            for block in scores.chunks_exact_mut(8) {
+                let block: &mut [f32; 8] = block.try_into().expect("8 values");
+                tile_sum += softmax_exp8(block, m_new) as f64;
+            }
+            self.sum[i] = (self.sum[i] as f64 + tile_sum) as f32;
+            tile_accumulate(o, &scores[ca..cb], &vt[ca * dv..cb * dv]);
+        }
+    }
+
+    /// Normalise the outputs and write them to their rows of `out`.
+    fn finish(self, out: &mut [f32], n_head: usize) {
+        let dv = self.out.len() / self.queries.len().max(1);
+        for ((&(t, h), o), &s) in self
+            .queries
+            .iter()
+            .zip(self.out.chunks_exact(dv))
+            .zip(&self.sum)
+        {
+            let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+            let row = &mut out[(t * n_head + h) * dv..(t * n_head + h + 1) * dv];
+            for (y, &x) in row.iter_mut().zip(o) {
+                *y = x * inv;
+            }
+        }
+    }
 }
 
 /// The list indices a query at position `p` may attend to.
@@ -91,91 +272,6 @@ pub(super) fn visible(head: &HeadKv, window: Option<usize>, p: u32) -> (usize, u
         None => 0,
     };
     (start, end)
-}
-
-/// Attention of several queries over one KV head; query i sees keys `ranges[i]`.
-/// Returns the outputs, `dv` values per query.
-fn block_attention(
-    head: &HeadKv,
-    dk: usize,
-    dv: usize,
-    qs: &[&[f32]],
-    ranges: &[(usize, usize)],
-    kq_scale: f32,
-) -> Vec<f32> {
-    let nq = qs.len();
-    let mut out = vec![0f32; nq * dv];
-    let mut m = vec![f32::NEG_INFINITY; nq];
-    let mut sum = vec![0f32; nq];
-    let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
-    let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
-    let mut kt = vec![0f32; dk * KV_TILE]; // keys of the tile, transposed
-    let mut vt = vec![0f32; KV_TILE * dv];
-    let mut scores = [0f32; KV_TILE];
-    for t0 in (lo / KV_TILE * KV_TILE..hi).step_by(KV_TILE) {
-        let (j0, j1) = (t0.max(lo), (t0 + KV_TILE).min(hi));
-        for j in j0..j1 {
-            let c = j - t0;
-            for (d, kv) in head.k[j * dk..(j + 1) * dk].iter().enumerate() {
-                kt[d * KV_TILE + c] = kv.to_f32();
-            }
-            let vrow = &mut vt[c * dv..(c + 1) * dv];
-            for (x, v) in vrow.iter_mut().zip(&head.v[j * dv..(j + 1) * dv]) {
-                *x = v.to_f32();
-            }
-        }
-        for (i, (&qh, &(start, end))) in qs.iter().zip(ranges).enumerate() {
-            let (a, b) = (t0.max(start), (t0 + KV_TILE).min(end));
-            if a >= b {
-                continue;
-            }
-            // Scores: dot products across keys, one fused multiply-add per dimension.
-            let mut acc = [0f32; KV_TILE];
-            let (ca, cb) = (a - t0, b - t0);
-            for (d, &qd) in qh.iter().enumerate() {
-                let krow = &kt[d * KV_TILE + ca..d * KV_TILE + cb];
-                for (s, &kv) in acc[ca..cb].iter_mut().zip(krow) {
-                    *s = qd.mul_add(kv, *s);
-                }
-            }
-            scores.fill(f32::NEG_INFINITY);
-            for c in ca..cb {
-                if !head.is_masked(t0 + c) {
-                    scores[c] = acc[c] * kq_scale;
-                }
-            }
-            // Online softmax over the tile.
-            let o = &mut out[i * dv..(i + 1) * dv];
-            let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if tile_max == f32::NEG_INFINITY {
-                continue; // every visible key of the tile is masked
-            }
-            let m_new = m[i].max(tile_max);
-            if m_new > m[i] {
-                let ms = (m[i] - m_new).exp();
-                o.iter_mut().for_each(|v| *v *= ms);
-                sum[i] *= ms;
-            }
-            m[i] = m_new;
-            let mut tile_sum = 0f64;
-            for block in scores.chunks_exact_mut(8) {
-                let block: &mut [f32; 8] = block.try_into().expect("8 values");
-                tile_sum += softmax_exp8(block, m_new) as f64;
-            }
-            sum[i] = (sum[i] as f64 + tile_sum) as f32;
-            for c in ca..cb {
-                let w = scores[c];
-                for (y, &x) in o.iter_mut().zip(&vt[c * dv..(c + 1) * dv]) {
-                    *y = w.mul_add(x, *y);
-                }
-            }
-        }
-    }
-    for (o, &s) in out.chunks_exact_mut(dv).zip(&sum) {
-        let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
-        o.iter_mut().for_each(|v| *v *= inv);
-    }
-    out
 }
 
 /// Attention of one query over keys `start..end`, as llama.cpp decodes a token
@@ -211,6 +307,101 @@ fn decode_one(
 mod tests {
     use super::*;
     use crate::kv::{EvictMode, KvCache};
+
+    /// The tiled online softmax written plainly, one query at a time: tiles of 64
+    /// list indices aligned on multiples of 64, scores as fused multiply-adds over
+    /// the dimension from 0, ggml's exp and sum order, values added key by key.
+    fn reference_one(
+        head: &HeadKv,
+        dk: usize,
+        dv: usize,
+        q: &[f32],
+        (start, end): (usize, usize),
+        scale: f32,
+    ) -> Vec<f32> {
+        let mut o = vec![0f32; dv];
+        let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+        for t0 in (start / KV_TILE * KV_TILE..end).step_by(KV_TILE) {
+            let mut scores = [f32::NEG_INFINITY; KV_TILE];
+            for j in t0.max(start)..(t0 + KV_TILE).min(end) {
+                if head.is_masked(j) {
+                    continue;
+                }
+                let mut acc = 0f32;
+                for (qd, kd) in q.iter().zip(&head.k[j * dk..(j + 1) * dk]) {
+                    acc = qd.mul_add(kd.to_f32(), acc);
+                }
+                scores[j - t0] = acc * scale;
+            }
+            let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if tile_max == f32::NEG_INFINITY {
+                continue;
+            }
+            let m_new = m.max(tile_max);
+            if m_new > m {
+                let ms = (m - m_new).exp();
+                o.iter_mut().for_each(|v| *v *= ms);
+                sum *= ms;
+            }
+            m = m_new;
+            let mut tile_sum = 0f64;
+            for block in scores.chunks_exact_mut(8) {
+                tile_sum += softmax_exp8(block.try_into().unwrap(), m_new) as f64;
+            }
+            sum = (sum as f64 + tile_sum) as f32;
+            for j in t0.max(start)..(t0 + KV_TILE).min(end) {
+                let w = scores[j - t0];
+                for (y, v) in o.iter_mut().zip(&head.v[j * dv..(j + 1) * dv]) {
+                    *y = w.mul_add(v.to_f32(), *y);
+                }
+            }
+        }
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        o.iter().map(|x| x * inv).collect()
+    }
+
+    /// The tiled kernel (query blocks, slabs of converted keys, register tiles) gives
+    /// bit for bit what the plain loop gives: over more keys than a slab, with
+    /// evicted (masked) entries, a sliding window and a query group.
+    #[test]
+    fn tiled_attention_equals_the_plain_loop() {
+        let rnd = |i: usize| ((i as f32 * 12.9898).sin() * 43758.547).fract() * 2.0 - 1.0;
+        for (window, dk, n_head) in [(None, 64, 6), (Some(700), 128, 2)] {
+            let shape = KvShape {
+                n_layer: 1,
+                n_head_kv: 2,
+                head_dim: dk,
+                head_dim_v: dk,
+                windows: vec![None],
+            };
+            let (n_ctx, n) = (SLAB + 900, 100);
+            let mut cache = KvCache::new(shape.clone());
+            let kv: Vec<f32> = (0..n_ctx * 2 * dk).map(rnd).collect();
+            let vv: Vec<f32> = kv.iter().map(|x| x * 0.5 + 0.1).collect();
+            cache.append(0, n_ctx, &kv, &vv);
+            cache.advance(n_ctx);
+            for h in 0..2 {
+                let keep: Vec<bool> = (0..n_ctx).map(|j| rnd(j * 3 + h) > -0.6).collect();
+                cache.evict(0, h, &keep, EvictMode::Mask);
+            }
+            let mut layer = cache.layers[0].clone();
+            layer.window = window;
+            let q: Vec<f32> = (0..n * n_head * dk).map(|i| rnd(i + 5) * 3.0).collect();
+            let pos: Vec<u32> = (n_ctx - n..n_ctx).map(|p| p as u32).collect();
+            let mut got = vec![0f32; n * n_head * dk];
+            attention(&layer, &shape, n_head, &q, &pos, 0.1, &mut got);
+            let gqa = n_head / 2;
+            for (t, &p) in pos.iter().enumerate() {
+                for h in 0..n_head {
+                    let head = &layer.heads[h / gqa];
+                    let i = t * n_head + h;
+                    let range = visible(head, window, p);
+                    let want = reference_one(head, dk, dk, &q[i * dk..(i + 1) * dk], range, 0.1);
+                    assert_eq!(&got[i * dk..(i + 1) * dk], &want[..], "token {t}, head {h}");
+                }
+            }
+        }
+    }
 
     /// Attention over a cache whose evicted pairs are masked equals attention over
     /// the compacted cache, for both kernels (short batches exactly, tiled batches
