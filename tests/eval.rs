@@ -33,7 +33,7 @@ fn load() -> Option<(Model, Tokenizer, ChatTemplate)> {
 fn sample(tok: &Tokenizer, n: usize) -> fastkv::eval::tasks::Sample {
     let count = |s: &str| tok.encode(s, false, false).len();
     let mut g = Generator::new(&count, None, 11);
-    g.sample(TaskKind::SingleNoise, n, 0, 1).unwrap()
+    g.sample(TaskKind::SingleNoise, n, 0, 1, 1).unwrap()
 }
 
 #[test]
@@ -147,6 +147,75 @@ fn oneshot_equals_the_runtime_schedule_for_one_chunk() {
     }
 }
 
+/// The eval decodes every variant's answer to a question in one batch; that gives
+/// exactly the answers of decoding each variant alone, for a sample with several
+/// questions.
+#[test]
+fn batched_answers_equal_answers_decoded_alone() {
+    let Some((model, tok, template)) = load() else {
+        return;
+    };
+    let mut h = Harness::new(
+        &model,
+        &tok,
+        &template,
+        Some("You are a helpful assistant."),
+    )
+    .unwrap();
+    h.gates = shipped_gates(SMOLLM2, &model);
+    let mut variants = vec![
+        Variant {
+            policy: Policy::Streaming,
+            keep: 0.3,
+        },
+        Variant {
+            policy: Policy::SnapKv,
+            keep: 0.5,
+        },
+        Variant {
+            policy: Policy::KvZip,
+            keep: 0.3,
+        },
+    ];
+    if h.gates.is_some() {
+        variants.push(Variant {
+            policy: Policy::Gated,
+            keep: 0.2,
+        });
+    }
+    let count = |s: &str| tok.encode(s, false, false).len();
+    let mut g = Generator::new(&count, None, 5);
+    let sample = g.sample(TaskKind::SingleNoise, 600, 0, 1, 2).unwrap();
+    assert_eq!(sample.queries.len(), 2);
+    let batched = h.answer(&sample, &variants).unwrap();
+    h.batch_decode = false;
+    let alone = h.answer(&sample, &variants).unwrap();
+    assert_eq!(batched.len(), (variants.len() + 1) * 2);
+    // Everything but the timings.
+    let strip = |a: &[fastkv::eval::harness::Answer]| -> Vec<_> {
+        a.iter()
+            .map(|a| {
+                (
+                    a.variant,
+                    a.query,
+                    a.score,
+                    a.text.clone(),
+                    a.evidence_kept,
+                    a.compression.kv_bytes,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(strip(&batched), strip(&alone));
+    // The full cache answers both questions of the sample.
+    let full: Vec<_> = batched
+        .iter()
+        .filter(|a| a.variant == Variant::FULL)
+        .collect();
+    assert_eq!(full.iter().map(|a| a.query).collect::<Vec<_>>(), [0, 1]);
+    assert!(full.iter().any(|a| a.score == 1.0), "{full:?}");
+}
+
 fn fastkv(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_fastkv"))
         .args(args)
@@ -196,13 +265,14 @@ fn reduced_sweep_writes_tables_and_plots() {
     // The continuation: the full cache and 3 policies x 2 keeps.
     let kld: Vec<&&str> = lines.iter().filter(|l| l.starts_with("kld,256,")).collect();
     assert_eq!(kld.len(), 7, "{csv}");
-    // Every task has its full-cache row; informative ones have all 7.
+    // Every task has all 7 rows (one prefill per sample serves every variant;
+    // uninformative tasks are marked in the report, not skipped).
     for task in ["single-noise", "single-text", "kv"] {
         let n = lines
             .iter()
             .filter(|l| l.starts_with(&format!("{task},400,")))
             .count();
-        assert!(n == 1 || n == 7, "{task}: {n} rows\n{csv}");
+        assert_eq!(n, 7, "{task}: {n} rows\n{csv}");
     }
     let full_noise = lines
         .iter()

@@ -54,12 +54,15 @@ pub struct BenchArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Md)]
     pub output: Format,
-    /// Also run another configuration on the same model, alternating runs, and report
-    /// both (medians) and the ratio fastkv / other.
-    #[arg(long = "compare", value_enum)]
-    pub compare: Option<Compare>,
-    /// KV eviction: with --kv-keep, the depth fill is compressed (query-agnostic, as
-    /// `run --context-file` does) before the timed part; llama.cpp keeps its full cache.
+    /// Also run other configurations on the same model (comma-separated: llama.cpp,
+    /// full), alternating runs, and report all of them (medians) and the ratios
+    /// fastkv / other.
+    #[arg(long = "compare", value_enum, value_delimiter = ',')]
+    pub compare: Vec<Compare>,
+    /// KV eviction: with --kv-keep, a `ppN` test prefills its N tokens as a context
+    /// compressed as it arrives (`run --context-file`'s chunked prefill, eviction
+    /// and scoring timed), and the depth fill of a test at depth is compressed the
+    /// same way (untimed); llama.cpp and `--compare full` keep their full cache.
     #[command(flatten)]
     pub kv: KvArgs,
 }
@@ -207,8 +210,14 @@ fn fastkv_run(session: &mut Session, tokens: &TokenSource, test: &TestSpec) -> R
     }
     let ids = tokens.ids(test.n_depth, test.n_tokens());
     let kv_start = kv_read_bytes(session);
+    let compress = session.eviction().is_active() && session.eviction().keep < 1.0;
     let t = Instant::now();
-    if test.n_prompt > 0 {
+    if test.n_prompt > 0 && compress {
+        // The prompt is a context compressed as it arrives; at depth 0 its first
+        // token is the protected prefix, as for the depth fill.
+        let split = usize::from(test.n_depth == 0).min(ids.len());
+        session.feed_context(&ids[..split], &ids[split..])?;
+    } else if test.n_prompt > 0 {
         session.feed(&ids)?;
     } else {
         for &id in &ids {
@@ -391,6 +400,20 @@ fn memory_bandwidth_gbs() -> f64 {
     best
 }
 
+/// What one `--compare` configuration measured for one test.
+#[derive(Debug, Serialize)]
+struct OtherResult {
+    /// `llama.cpp` or `full`.
+    name: &'static str,
+    /// Median tokens/s, and fastkv's median over it.
+    tps: f64,
+    ratio: f64,
+    samples_ts: Vec<f64>,
+    /// Generation tests: bytes it reads per generated token, where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_per_token: Option<f64>,
+}
+
 /// Results of one test.
 #[derive(Debug, Serialize)]
 struct TestResult {
@@ -408,10 +431,15 @@ struct TestResult {
     bytes_per_token: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     achieved_gbs: Option<f64>,
-    /// `--compare`: medians of both and their ratio, the other side's samples and
-    /// (generation tests) the bytes it reads per token.
+    /// KV bytes fastkv holds at the end of the test.
+    kv_bytes: usize,
+    /// `--compare`: fastkv's median, and every other configuration's.
     #[serde(skip_serializing_if = "Option::is_none")]
     fastkv_tps: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    others: Vec<OtherResult>,
+    /// The first `--compare` configuration's median, ratio, samples and bytes per
+    /// token (the fields of `others[0]`, as a single comparison reports them).
     #[serde(skip_serializing_if = "Option::is_none")]
     other_tps: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -431,14 +459,17 @@ struct Report {
     n_ubatch: usize,
     repetitions: usize,
     memory_bandwidth_gbs: f64,
+    /// The `--compare` configurations, comma-separated.
     #[serde(skip_serializing_if = "Option::is_none")]
-    compare: Option<&'static str>,
+    compare: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     llama_cpp_flash_attn: Option<bool>,
     /// fastkv's KV eviction (policy, keep ratio, level).
     kv_policy: String,
     kv_keep: f64,
     kv_level: String,
+    /// Whether prompt tests prefill a compressed context (eviction at keep < 1).
+    kv_compressed_prefill: bool,
     tests: Vec<TestResult>,
 }
 
@@ -450,6 +481,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.reps == 0 {
         bail!("-r/--repetitions must be at least 1");
     }
+    let mut compare = a.compare.clone();
+    compare.dedup();
     let loaded = ModelArgs {
         model: a.model.clone(),
         threads: a.threads,
@@ -475,29 +508,33 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             .flatten(),
         n_vocab: model.config.n_vocab,
     };
-    let reference = match a.compare {
-        Some(Compare::LlamaCpp) => Some(
+    let reference = if compare.contains(&Compare::LlamaCpp) {
+        Some(
             RefModel::load(&loaded.path, false)
                 .map_err(|e| anyhow!(e))
                 .context("--compare llama.cpp")?,
-        ),
-        _ => None,
+        )
+    } else {
+        None
     };
+    let labels: Vec<&str> = compare.iter().map(|c| c.label()).collect();
     eprintln!(
         "fastkv bench: {} ({n_threads} threads, {} reps{})",
         info.model_filename,
         a.reps,
-        match a.compare {
-            Some(Compare::LlamaCpp) => ", alternating with llama.cpp",
-            Some(Compare::Full) => ", alternating with fastkv's full cache",
-            None => "",
+        if labels.is_empty() {
+            String::new()
+        } else {
+            format!(", alternating with {}", labels.join(" and "))
         }
     );
     let (kv, gates) = a.kv.resolve(0, &loaded)?;
     let kv_active = kv.is_active();
+    let compressed_prefill = kv_active && kv.keep < 1.0;
     if kv_active {
         eprintln!(
-            "fastkv KV eviction: {}, keep {}, level {} (the depth fill is compressed before each test)",
+            "fastkv KV eviction: {}, keep {}, level {} (prompts are prefilled as compressed \
+             contexts; depth fills are compressed before each test)",
             kv.policy, kv.keep, kv.level
         );
     } else if kv.policy == Policy::Gated {
@@ -511,55 +548,75 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let mut session = Session::new(model, spec.n_ctx());
         a.kv.install(&mut session, &loaded, kv.clone(), gates.clone(), None)?;
         session.set_prefill_chunk(UBATCH);
-        let mut other = match (a.compare, &reference) {
-            (Some(Compare::LlamaCpp), Some(r)) => Some(Other::LlamaCpp(
-                RefContext::new(
-                    r,
-                    RefContextParams {
-                        n_ctx: spec.n_ctx() as u32,
-                        n_batch: UBATCH as u32,
-                        n_threads: n_threads as i32,
-                        flash_attn: LLAMA_FLASH_ATTN,
-                    },
-                )
-                .map_err(|e| anyhow!(e))?,
-            )),
-            (Some(Compare::Full), _) => {
-                let mut full = Session::new(model, spec.n_ctx());
-                full.set_prefill_chunk(UBATCH);
-                Some(Other::Full(Box::new(full)))
-            }
-            _ => None,
-        };
+        let mut others = Vec::new();
+        for c in &compare {
+            others.push(match (c, &reference) {
+                (Compare::LlamaCpp, Some(r)) => Other::LlamaCpp(
+                    RefContext::new(
+                        r,
+                        RefContextParams {
+                            n_ctx: spec.n_ctx() as u32,
+                            n_batch: UBATCH as u32,
+                            n_threads: n_threads as i32,
+                            flash_attn: LLAMA_FLASH_ATTN,
+                        },
+                    )
+                    .map_err(|e| anyhow!(e))?,
+                ),
+                (Compare::LlamaCpp, None) => unreachable!("llama.cpp is loaded when compared"),
+                (Compare::Full, _) => {
+                    let mut full = Session::new(model, spec.n_ctx());
+                    full.set_prefill_chunk(UBATCH);
+                    Other::Full(Box::new(full))
+                }
+            });
+        }
         fastkv_run(&mut session, &tokens, &warm_up(spec))?;
-        if let Some(o) = other.as_mut() {
+        for o in others.iter_mut() {
             o.run(&tokens, &warm_up(spec))?;
         }
-        let (mut ours, mut theirs, mut kv, mut their_kv) = (vec![], vec![], vec![], vec![]);
+        let (mut ours, mut kv_held) = (vec![], vec![]);
+        let mut theirs: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); others.len()];
+        let mut kv_end = 0;
         for _ in 0..a.reps {
             let s = fastkv_run(&mut session, &tokens, spec)?;
             ours.push(spec.n_tokens() as f64 / s.secs);
-            kv.push((s.kv_start + s.kv_end) as f64 / 2.0);
-            if let Some(o) = other.as_mut() {
-                let (secs, kv) = o.run(&tokens, spec)?;
-                theirs.push(spec.n_tokens() as f64 / secs);
-                their_kv.extend(kv);
+            kv_held.push((s.kv_start + s.kv_end) as f64 / 2.0);
+            kv_end = session.kv_bytes();
+            for (o, (tps, kv)) in others.iter_mut().zip(theirs.iter_mut()) {
+                let (secs, held) = o.run(&tokens, spec)?;
+                tps.push(spec.n_tokens() as f64 / secs);
+                kv.extend(held);
             }
         }
         let (avg, sd) = mean_sd(&ours);
         let weights = info.weight_bytes_per_token as f64;
-        let bytes_per_token = (spec.n_gen > 0).then(|| weights + mean_sd(&kv).0);
-        let compared = !theirs.is_empty();
-        // What the other side reads per token: fastkv's full cache measures it;
-        // llama.cpp reads what fastkv does unless fastkv evicts (llama.cpp keeps its
-        // full cache), and then it is not known here.
-        let other_bytes_per_token = bytes_per_token.filter(|_| compared).and_then(|b| {
-            if !their_kv.is_empty() {
-                Some(weights + mean_sd(&their_kv).0)
-            } else {
-                (!kv_active).then_some(b)
-            }
-        });
+        let bytes_per_token = (spec.n_gen > 0).then(|| weights + mean_sd(&kv_held).0);
+        let ours_median = median(&ours);
+        let others: Vec<OtherResult> = compare
+            .iter()
+            .zip(theirs)
+            .map(|(c, (tps, their_kv))| {
+                // What the other side reads per token: fastkv's full cache measures it;
+                // llama.cpp reads what fastkv does unless fastkv evicts (llama.cpp keeps
+                // its full cache), and then it is not known here.
+                let bytes = bytes_per_token.and_then(|b| {
+                    if !their_kv.is_empty() {
+                        Some(weights + mean_sd(&their_kv).0)
+                    } else {
+                        (!kv_active).then_some(b)
+                    }
+                });
+                OtherResult {
+                    name: c.label(),
+                    tps: median(&tps),
+                    ratio: ours_median / median(&tps),
+                    samples_ts: tps,
+                    bytes_per_token: bytes,
+                }
+            })
+            .collect();
+        let first = others.first();
         results.push(TestResult {
             test: spec.name(),
             n_prompt: spec.n_prompt,
@@ -569,11 +626,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             stddev_ts: sd,
             bytes_per_token,
             achieved_gbs: bytes_per_token.map(|b| b * avg / 1e9),
-            fastkv_tps: compared.then(|| median(&ours)),
-            other_tps: compared.then(|| median(&theirs)),
-            ratio: compared.then(|| median(&ours) / median(&theirs)),
-            other_samples_ts: compared.then_some(theirs),
-            other_bytes_per_token,
+            kv_bytes: kv_end,
+            fastkv_tps: first.map(|_| ours_median),
+            other_tps: first.map(|o| o.tps),
+            ratio: first.map(|o| o.ratio),
+            other_samples_ts: first.map(|o| o.samples_ts.clone()),
+            other_bytes_per_token: first.and_then(|o| o.bytes_per_token),
+            others,
             samples_ts: ours,
         });
     }
@@ -584,7 +643,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         n_ubatch: UBATCH,
         repetitions: a.reps,
         memory_bandwidth_gbs: bandwidth,
-        compare: a.compare.map(Compare::label),
+        compare: (!labels.is_empty()).then(|| labels.join(",")),
         llama_cpp_flash_attn: reference.is_some().then_some(LLAMA_FLASH_ATTN),
         kv_policy: if kv.is_active() || kv.policy == Policy::Gated {
             kv.policy
@@ -594,6 +653,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .to_string(),
         kv_keep: kv.keep,
         kv_level: kv.level.to_string(),
+        kv_compressed_prefill: compressed_prefill,
         tests: results,
     };
     match a.output {
@@ -671,19 +731,20 @@ fn md_table(header: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
 
 fn markdown(r: &Report) -> String {
     let compared = r.compare.is_some();
-    // Column names: "fastkv" against llama.cpp; the policy against fastkv's full cache.
-    let other = r.compare.unwrap_or_default();
-    let ours = if other == Compare::Full.label() {
-        r.kv_policy.as_str()
+    // Column names: "fastkv" (with its policy when it evicts or scores); the others by
+    // name, fastkv's own full cache as "full".
+    let ours = if r.kv_policy == Policy::Full.name() {
+        "fastkv".to_string()
     } else {
-        "fastkv"
+        format!("{}@{}", r.kv_policy, r.kv_keep)
     };
-    let (ours_ts, other_ts, ratio) = (
-        format!("{ours} t/s"),
-        format!("{other} t/s"),
-        format!("{ours} / {other}"),
-    );
-    let (ours_gbs, other_gbs) = (format!("{ours} GB/s"), format!("{other} GB/s"));
+    let names: Vec<&str> = r
+        .tests
+        .first()
+        .map_or(Vec::new(), |t| t.others.iter().map(|o| o.name).collect());
+    let ours_ts = format!("{ours} t/s");
+    let other_ts: Vec<String> = names.iter().map(|n| format!("{n} t/s")).collect();
+    let ratios: Vec<String> = names.iter().map(|n| format!("{ours} / {n}")).collect();
     let lead = |t: &TestResult| {
         vec![
             r.model.model_type.clone(),
@@ -697,15 +758,17 @@ fn markdown(r: &Report) -> String {
     let mut header = vec!["model", "size", "params", "backend", "threads", "test"];
     let mut right = vec![false, true, true, false, true, true];
     let rows: Vec<Vec<String>> = if compared {
-        header.extend([ours_ts.as_str(), other_ts.as_str(), ratio.as_str()]);
-        right.extend([true, true, true]);
+        header.push(ours_ts.as_str());
+        header.extend(other_ts.iter().map(String::as_str));
+        header.extend(ratios.iter().map(String::as_str));
+        right.extend(std::iter::repeat_n(true, 1 + 2 * names.len()));
         r.tests
             .iter()
             .map(|t| {
                 let mut row = lead(t);
                 row.push(format!("{:.2}", t.fastkv_tps.unwrap_or(0.0)));
-                row.push(format!("{:.2}", t.other_tps.unwrap_or(0.0)));
-                row.push(format!("{:.2}", t.ratio.unwrap_or(0.0)));
+                row.extend(t.others.iter().map(|o| format!("{:.2}", o.tps)));
+                row.extend(t.others.iter().map(|o| format!("{:.2}", o.ratio)));
                 row
             })
             .collect()
@@ -722,31 +785,39 @@ fn markdown(r: &Report) -> String {
             .collect()
     };
     let mut out = md_table(&header, &right, &rows);
-    if let Some(flash) = r.llama_cpp_flash_attn {
+    if compared {
         out += &format!(
-            "\nt/s: medians of {} runs, fastkv and llama.cpp alternating; llama.cpp with \
-             flash attention {} (llama-bench's CPU default, -fa auto), n_ubatch {}.\n",
+            "\nt/s: medians of {} runs, fastkv and {} alternating, n_ubatch {}",
             r.repetitions,
-            if flash { "on" } else { "off" },
+            names.join(" and "),
             r.n_ubatch
         );
-    } else if compared {
+        if let Some(flash) = r.llama_cpp_flash_attn {
+            out += &format!(
+                "; llama.cpp with flash attention {} (llama-bench's CPU default, -fa auto)",
+                if flash { "on" } else { "off" }
+            );
+        }
+        out += ".\n";
+    }
+    if r.kv_compressed_prefill {
         out += &format!(
-            "\nt/s: medians of {} runs, fastkv with --kv-policy {} (keep {}) and with the \
-             full cache alternating, n_ubatch {}.\n",
-            r.repetitions, r.kv_policy, r.kv_keep, r.n_ubatch
+            "fastkv: --kv-policy {} --kv-keep {} (level {}): ppN prefills N tokens as a context \
+             compressed as it arrives; a test at depth runs after a compressed fill. The \
+             others keep their full cache.\n",
+            r.kv_policy, r.kv_keep, r.kv_level
         );
     }
     let decode: Vec<&TestResult> = r.tests.iter().filter(|t| t.n_gen > 0).collect();
     if !decode.is_empty() {
+        let ours_gbs = format!("{ours} GB/s");
+        let other_gbs: Vec<String> = names.iter().map(|n| format!("{n} GB/s")).collect();
         let mut header = vec!["test", "MB/token", ours_ts.as_str(), ours_gbs.as_str()];
-        let mut right = vec![true; 4];
-        if compared {
-            header.extend([other_ts.as_str(), other_gbs.as_str()]);
-            right.extend([true, true]);
+        for (ts, gbs) in other_ts.iter().zip(&other_gbs) {
+            header.extend([ts.as_str(), gbs.as_str()]);
         }
         header.push("of bandwidth");
-        right.push(true);
+        let right = vec![true; header.len()];
         let rows: Vec<Vec<String>> = decode
             .iter()
             .map(|t| {
@@ -759,11 +830,11 @@ fn markdown(r: &Report) -> String {
                     format!("{ours:.2}"),
                     format!("{:.2}", b * ours / 1e9),
                 ];
-                if let Some(theirs) = t.other_tps {
-                    row.push(format!("{theirs:.2}"));
+                for o in &t.others {
+                    row.push(format!("{:.2}", o.tps));
                     row.push(
-                        t.other_bytes_per_token
-                            .map_or("–".into(), |b| format!("{:.2}", b * theirs / 1e9)),
+                        o.bytes_per_token
+                            .map_or("–".into(), |b| format!("{:.2}", b * o.tps / 1e9)),
                     );
                 }
                 row.push(format!(
@@ -786,21 +857,27 @@ fn markdown(r: &Report) -> String {
 }
 
 fn csv(r: &Report) -> String {
-    let compared = r.compare.is_some();
+    let names: Vec<&str> = r
+        .tests
+        .first()
+        .map_or(Vec::new(), |t| t.others.iter().map(|o| o.name).collect());
     let mut out = String::from(
         "model_filename,model_type,model_size,model_n_params,backend,n_threads,test,\
          n_prompt,n_gen,n_depth,avg_ts,stddev_ts,bytes_per_token,achieved_gbs,\
-         memory_bandwidth_gbs",
+         memory_bandwidth_gbs,kv_policy,kv_keep,kv_bytes",
     );
-    if compared {
+    if !names.is_empty() {
         out += ",compare,fastkv_tps,other_tps,ratio";
+        for n in &names {
+            out += &format!(",{n}_tps,{n}_ratio");
+        }
     }
     out += "\n";
     let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x:.6}"));
     for t in &r.tests {
         out += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{:.6}",
+            "{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{:.6},{},{},{}",
             q(&r.model.model_filename),
             q(&r.model.model_type),
             r.model.model_size,
@@ -816,15 +893,21 @@ fn csv(r: &Report) -> String {
             opt(t.bytes_per_token.map(|b| b.round())),
             opt(t.achieved_gbs),
             r.memory_bandwidth_gbs,
+            q(&r.kv_policy),
+            r.kv_keep,
+            t.kv_bytes,
         );
-        if compared {
+        if !names.is_empty() {
             out += &format!(
                 ",{},{},{},{}",
-                q(r.compare.unwrap_or_default()),
+                q(r.compare.as_deref().unwrap_or_default()),
                 opt(t.fastkv_tps),
                 opt(t.other_tps),
                 opt(t.ratio)
             );
+            for o in &t.others {
+                out += &format!(",{:.6},{:.6}", o.tps, o.ratio);
+            }
         }
         out += "\n";
     }

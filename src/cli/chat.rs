@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::{
-    generate, print_compression, print_piece, GenStats, KvArgs, Loaded, ModelArgs, SamplingArgs,
+    generate, print_compression, print_piece, GenStats, KvArgs, Loaded, ModelArgs, PrefillBar,
+    SamplingArgs,
 };
 use crate::sampling::Sampler;
 use crate::session::Session;
@@ -185,7 +186,12 @@ impl Conversation<'_> {
                 session.n_ctx()
             );
         }
-        let (_, report) = session.feed_context(&prefix, &context)?;
+        let mut bar = PrefillBar::new("document");
+        let (_, report) =
+            session.feed_context_with_progress(&prefix, &context, &mut |done, n| {
+                bar.update(done, n)
+            })?;
+        bar.finish();
         let cfg = session.eviction();
         print_compression(&report, cfg);
         self.held = format!("{before}{text}");

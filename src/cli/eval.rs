@@ -85,9 +85,10 @@ pub struct KldArgs {
 /// How the continuation documents are cut.
 #[derive(Args, Debug, Clone)]
 pub struct DocArgs {
-    /// Context tokens compressed per document.
-    #[arg(long, default_value_t = 2048)]
-    pub ctx: usize,
+    /// Context tokens compressed per document (comma-separated: one measurement per
+    /// length).
+    #[arg(long, value_delimiter = ',', default_value = "2048")]
+    pub ctx: Vec<usize>,
     /// Continuation tokens teacher-forced after the context.
     #[arg(long, default_value_t = 64)]
     pub cont: usize,
@@ -106,12 +107,14 @@ pub struct TaskArgs {
         default_value = "single-noise,single-text,multi-key,multi-value,vt,kv"
     )]
     pub tasks: Vec<String>,
-    /// Samples (contexts) per task and length; needle depths are spread over them.
+    /// Samples (contexts) per task and length; question depths are spread over them.
     #[arg(long, default_value_t = 4)]
     pub samples: usize,
-    /// Run the policies on every task, also where the full cache scores below 50%.
-    #[arg(long)]
-    pub all_tasks: bool,
+    /// Questions per sample: that many instances of the task share one haystack and
+    /// one prefill, and each is asked on its own (long contexts: most of the cost is
+    /// the prefill). Questions per task = --samples x --queries.
+    #[arg(long, default_value_t = 1)]
+    pub queries: usize,
 }
 
 #[derive(Args, Debug)]
@@ -327,10 +330,28 @@ fn kld(
     variants: &[Variant],
     results: &mut Results,
 ) -> Result<()> {
-    let (ctx, cont, docs) = (d.ctx, d.cont, d.docs);
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let tokens = l.tokenizer.encode(&text, false, false);
+    for &ctx in &d.ctx {
+        kld_at(h, l, file, &tokens, ctx, d, variants, results)?;
+    }
+    Ok(())
+}
+
+/// `eval kld` at one context length.
+#[allow(clippy::too_many_arguments)]
+fn kld_at(
+    h: &Harness,
+    l: &Loaded,
+    file: &Path,
+    tokens: &[u32],
+    ctx: usize,
+    d: &DocArgs,
+    variants: &[Variant],
+    results: &mut Results,
+) -> Result<()> {
+    let (cont, docs) = (d.cont, d.docs);
     let len = ctx + cont + 1;
     if ctx < 64 || cont == 0 || docs == 0 {
         bail!("--ctx must be at least 64, --cont and --docs at least 1");
@@ -352,7 +373,7 @@ fn kld(
     }
     for v in variants {
         if let Err(e) = h.check(*v, 1, ctx) {
-            eprintln!("eval kld: skipping {v}: {e}");
+            eprintln!("eval kld: skipping {v} at {ctx} tokens: {e}");
         }
     }
     let pb = progress(docs as u64, "kld docs");
@@ -367,7 +388,7 @@ fn kld(
         note(
             &pb,
             format!(
-                "kld doc {}/{docs}: {:.1} s, largest mean KLD {worst:.4}",
+                "kld @ {ctx}, doc {}/{docs}: {:.1} s, largest mean KLD {worst:.4}",
                 d + 1,
                 t.elapsed().as_secs_f64()
             ),
@@ -386,10 +407,9 @@ struct NiahSpec<'a> {
     tasks: Vec<TaskKind>,
     lengths: &'a [usize],
     samples: usize,
+    queries: usize,
     haystack: Option<&'a str>,
     seed: u64,
-    /// Run the variants on uninformative tasks too.
-    all_tasks: bool,
 }
 
 impl<'a> NiahSpec<'a> {
@@ -404,20 +424,24 @@ impl<'a> NiahSpec<'a> {
             .iter()
             .map(|n| Ok(n.trim().parse::<TaskKind>()?))
             .collect::<Result<_>>()?;
-        if t.samples == 0 {
-            bail!("--samples must be at least 1");
+        if t.samples == 0 || t.queries == 0 {
+            bail!("--samples and --queries must be at least 1");
         }
         Ok(Self {
             tasks,
             lengths,
             samples: t.samples,
+            queries: t.queries,
             haystack,
             seed,
-            all_tasks: t.all_tasks,
         })
     }
 }
 
+/// Every sample of every task and length under the full cache and `variants`: one
+/// prefill per sample serves them all (under the one-shot schedule). Tasks on which
+/// the full cache scores below 50% are measured too, and the report marks them
+/// uninformative (eviction cannot show a difference there).
 fn niah(
     h: &Harness,
     l: &Loaded,
@@ -445,85 +469,33 @@ fn niah(
     }
     let count = |s: &str| l.tokenizer.encode(s, false, false).len();
     let mut generator = Generator::new(&count, spec.haystack, spec.seed);
-    let mut units = Vec::new();
+    let units = spec.lengths.len() * tasks.len();
+    let pb = progress((units * spec.samples) as u64, "samples");
     for &len in spec.lengths {
         for &task in &tasks {
-            units.push((task, len));
-        }
-    }
-    // First the full cache alone on every sample: cheap, and it tells which tasks
-    // the model can do at all. Where it cannot (below 50%), eviction can show no
-    // difference, so the variants run on informative tasks only (unless --all-tasks).
-    let full_only = if spec.all_tasks { variants } else { &[] };
-    run_samples(
-        h,
-        &mut generator,
-        &units,
-        spec.samples,
-        full_only,
-        results,
-        "full cache",
-    )?;
-    if spec.all_tasks || variants.is_empty() {
-        return Ok(());
-    }
-    let rows = results.rows();
-    let (useful, skipped): (Vec<_>, Vec<_>) = units
-        .iter()
-        .partition(|(t, len)| report::informative(&rows, t.name(), *len));
-    for (t, len) in skipped {
-        eprintln!(
-            "eval niah: {t} @ {len} is uninformative (full cache below 50%): no variants run"
-        );
-    }
-    let mut variant_results = Results::default();
-    run_samples(
-        h,
-        &mut generator,
-        &useful,
-        spec.samples,
-        variants,
-        &mut variant_results,
-        "variants",
-    )?;
-    // The full cache's answers are in already (the runs are deterministic).
-    variant_results.remove_variant(Variant::FULL);
-    results.merge(variant_results);
-    Ok(())
-}
-
-/// Every sample of every (task, length) of `units` under `variants` and the full cache.
-fn run_samples(
-    h: &Harness,
-    generator: &mut Generator,
-    units: &[(TaskKind, usize)],
-    samples: usize,
-    variants: &[Variant],
-    results: &mut Results,
-    what: &str,
-) -> Result<()> {
-    let pb = progress((units.len() * samples) as u64, what);
-    for &(task, len) in units {
-        for i in 0..samples {
-            let t = Instant::now();
-            let sample = generator.sample(task, len - RESERVE, i, samples)?;
-            let answers = h.answer(&sample, variants)?;
-            let full: Vec<&Answer> = answers
-                .iter()
-                .filter(|a| a.variant == Variant::FULL)
-                .collect();
-            note(
-                &pb,
-                format!(
-                    "{what}: {task} @ {len}, sample {}/{samples}: {:.1} s, full cache {:.2} (answer: {:?})",
-                    i + 1,
-                    t.elapsed().as_secs_f64(),
-                    full.iter().map(|a| a.score).sum::<f64>() / full.len().max(1) as f64,
-                    full.first().map_or("", |a| a.text.as_str())
-                ),
-            );
-            results.add_answers(task, len, answers);
-            pb.inc(1);
+            for i in 0..spec.samples {
+                let t = Instant::now();
+                let sample =
+                    generator.sample(task, len - RESERVE, i, spec.samples, spec.queries)?;
+                let answers = h.answer(&sample, variants)?;
+                let full: Vec<&Answer> = answers
+                    .iter()
+                    .filter(|a| a.variant == Variant::FULL)
+                    .collect();
+                note(
+                    &pb,
+                    format!(
+                        "{task} @ {len}, sample {}/{}: {:.1} s, full cache {:.2} (first answer: {:?})",
+                        i + 1,
+                        spec.samples,
+                        t.elapsed().as_secs_f64(),
+                        full.iter().map(|a| a.score).sum::<f64>() / full.len().max(1) as f64,
+                        full.first().map_or("", |a| a.text.as_str())
+                    ),
+                );
+                results.add_answers(task, len, answers);
+                pb.inc(1);
+            }
         }
     }
     pb.finish_and_clear();

@@ -228,6 +228,50 @@ pub fn progress(n: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// Prefills shorter than this many tokens show no progress bar.
+const PREFILL_BAR_FROM: usize = 2048;
+
+/// The progress bar of a long prefill (tokens, tokens/s, ETA) on a terminal, drawn
+/// from the session's progress reports; nothing for a short one.
+pub struct PrefillBar {
+    what: &'static str,
+    bar: Option<ProgressBar>,
+}
+
+impl PrefillBar {
+    pub fn new(what: &'static str) -> Self {
+        Self { what, bar: None }
+    }
+
+    /// `done` of `n` tokens are in.
+    pub fn update(&mut self, done: usize, n: usize) {
+        if n < PREFILL_BAR_FROM {
+            return;
+        }
+        let what = self.what;
+        let bar = self.bar.get_or_insert_with(|| {
+            let pb = ProgressBar::new(n as u64);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} tokens ({per_sec}, ETA {eta})",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            pb.set_message(format!("prefill ({what})"));
+            pb
+        });
+        bar.set_position(done as u64);
+    }
+
+    /// Remove the bar (the summary lines follow).
+    pub fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// A line above the progress bar, or on stderr when the bar is hidden (not a
 /// terminal), so logs show progress too.
 pub fn note(pb: &ProgressBar, line: String) {
@@ -557,7 +601,10 @@ pub fn generate(
         sampler.accept(t);
     }
     let t0 = Instant::now();
-    let (mut logits, n_fed) = session.feed_reusing_prefix(prompt)?;
+    let mut bar = PrefillBar::new("prompt");
+    let (mut logits, n_fed) =
+        session.feed_reusing_prefix_with_progress(prompt, &mut |done, n| bar.update(done, n))?;
+    bar.finish();
     stats.prompt_ms += t0.elapsed().as_secs_f64() * 1e3;
     stats.n_prompt += n_fed;
 

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::{generate, print_compression, print_piece, GenStats, KvArgs, ModelArgs, SamplingArgs};
+use super::{
+    generate, print_compression, print_piece, GenStats, KvArgs, ModelArgs, PrefillBar, SamplingArgs,
+};
 use crate::sampling::Sampler;
 use crate::session::Session;
 
@@ -96,7 +98,12 @@ pub fn run(a: RunArgs) -> Result<()> {
                 session.n_ctx()
             );
         }
-        let (_, report) = session.feed_context(&prefix, &context)?;
+        let mut bar = PrefillBar::new("context");
+        let (_, report) =
+            session.feed_context_with_progress(&prefix, &context, &mut |done, n| {
+                bar.update(done, n)
+            })?;
+        bar.finish();
         print_compression(&report, session.eviction());
         if let Some(save) = &a.save_context {
             save_context(&mut session, save)?;

@@ -95,6 +95,23 @@ pub fn summarize(xs: &[f64]) -> Summary {
     }
 }
 
+/// The Wilson score 95% interval of a proportion `p` observed over `n` trials: unlike
+/// the normal approximation it stays inside [0, 1] and is not of zero width at
+/// p = 0 or 1 (6 of 6 right gives [0.61, 1], not "1.00 ± 0.00"). For scores with
+/// partial credit (a fraction of the expected strings found) it is applied to the
+/// mean score, which is conservative: such a score varies less than a 0/1 outcome.
+pub fn wilson(p: f64, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    const Z: f64 = 1.959_963_984_540_054;
+    let (n, p) = (n as f64, p.clamp(0.0, 1.0));
+    let z2 = Z * Z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = Z / (1.0 + z2 / n) * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +136,27 @@ mod tests {
         assert!(!r.same_top1);
         // -ln(1/4) - -ln(1/2) = ln 2.
         assert!((r.delta_nll - (2.0f64).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn wilson_intervals() {
+        let close =
+            |a: (f64, f64), b: (f64, f64)| (a.0 - b.0).abs() < 5e-4 && (a.1 - b.1).abs() < 5e-4;
+        // Reference values (e.g. statsmodels' proportion_confint, method="wilson").
+        assert!(
+            close(wilson(0.5, 10), (0.2366, 0.7634)),
+            "{:?}",
+            wilson(0.5, 10)
+        );
+        assert!(close(wilson(1.0, 6), (0.6097, 1.0)), "{:?}", wilson(1.0, 6));
+        assert!(
+            close(wilson(0.0, 24), (0.0, 0.1380)),
+            "{:?}",
+            wilson(0.0, 24)
+        );
+        assert_eq!(wilson(0.3, 0), (0.0, 1.0));
+        let (lo, hi) = wilson(0.75, 24);
+        assert!(lo < 0.75 && 0.75 < hi && hi - lo < 0.4);
     }
 
     #[test]

@@ -187,6 +187,9 @@ pub struct Harness<'m> {
     pub n_ctx: usize,
     /// Fast KVzip gates, for the gated policy.
     pub gates: Option<Arc<Gates>>,
+    /// Decode a question's answers under all variants in one batch (the default);
+    /// else one variant after the other. Both give the same answers.
+    pub batch_decode: bool,
 }
 
 impl<'m> Harness<'m> {
@@ -206,6 +209,7 @@ impl<'m> Harness<'m> {
             seed: 0,
             n_ctx: model.config.n_ctx_train,
             gates: None,
+            batch_decode: true,
         })
     }
 
@@ -394,68 +398,124 @@ impl<'m> Harness<'m> {
                 )
             })
             .collect();
-        let mut out = Vec::new();
+        // Every variant's compressed session (one prefill for all of them under the
+        // one-shot schedule), then each question under all variants at once.
+        let mut compressed: Vec<(Variant, Session<'m>, CompressReport)> = Vec::new();
         self.for_each_variant(&self.format.head, &context, variants, |v, s, report| {
-            for (i, tokens) in queries.iter().enumerate() {
-                let evidence_kept = kept_fraction(&s, &spans[i]);
-                let mut s = s.clone();
-                let (answers, max) = &expected[i];
-                let found = |text: &str| {
-                    let lower = text.to_lowercase();
-                    answers
-                        .iter()
-                        .filter(|a| lower.contains(a.as_str()))
-                        .count()
-                };
-                let text = self.greedy(&mut s, tokens, *max, |t| found(t) == answers.len())?;
-                let found = found(&text);
+            compressed.push((v, s, report));
+            Ok(())
+        })?;
+        let mut texts: Vec<Vec<String>> = vec![Vec::new(); compressed.len()];
+        for (i, tokens) in queries.iter().enumerate() {
+            let (answers, max) = &expected[i];
+            let done = |text: &str| found(answers, text) == answers.len();
+            let mut sessions: Vec<Session<'m>> =
+                compressed.iter().map(|(_, s, _)| s.clone()).collect();
+            let replies = if self.batch_decode {
+                self.greedy_batch(&mut sessions, tokens, *max, done)?
+            } else {
+                let mut out = Vec::with_capacity(sessions.len());
+                for s in &mut sessions {
+                    out.push(self.greedy_batch(std::slice::from_mut(s), tokens, *max, done)?);
+                }
+                out.into_iter().flatten().collect()
+            };
+            for (t, reply) in texts.iter_mut().zip(replies) {
+                t.push(reply);
+            }
+        }
+        let mut out = Vec::new();
+        for ((v, s, report), replies) in compressed.iter().zip(texts) {
+            for (i, text) in replies.into_iter().enumerate() {
+                let answers = &expected[i].0;
                 out.push(Answer {
-                    variant: v,
+                    variant: *v,
                     query: i,
-                    score: found as f64 / answers.len() as f64,
+                    score: found(answers, &text) as f64 / answers.len() as f64,
                     text,
-                    evidence_kept,
+                    evidence_kept: kept_fraction(s, &spans[i]),
                     compression: report.clone(),
                 });
             }
-            Ok(())
-        })?;
+        }
         Ok(out)
     }
 
-    /// Feed `prompt` and decode greedily: at most `max` tokens, up to an end of
-    /// generation, a blank line after some content, or until `done` says the text so
-    /// far is enough.
-    fn greedy(
+    /// Feed `prompt` to every session of `sessions` and decode each greedily, all
+    /// of them in one forward pass per step (the weights are read once a step for
+    /// every session; each session's logits are those it would get alone). A
+    /// session stops after at most `max` tokens, at an end of generation, a blank
+    /// line after some content, or when `done` says its text so far is enough.
+    /// Returns each session's answer.
+    fn greedy_batch(
         &self,
-        s: &mut Session,
+        sessions: &mut [Session<'m>],
         prompt: &[u32],
         max: usize,
         done: impl Fn(&str) -> bool,
-    ) -> Result<String, EvalError> {
-        let mut logits = s.feed(prompt)?;
-        let mut ids = Vec::new();
+    ) -> Result<Vec<String>, EvalError> {
+        let n = sessions.len();
+        let mut logits = {
+            let mut batch: Vec<(&mut Session<'m>, &[u32])> =
+                sessions.iter_mut().map(|s| (s, prompt)).collect();
+            Session::feed_batch(&mut batch)?
+        };
+        let mut ids: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut active = vec![true; n];
+        // A blank line ends the answer once it has said something (a list may
+        // follow "are:" and a blank line).
+        let said = |s: &str| s.chars().any(char::is_alphanumeric);
         for _ in 0..max {
-            let t = argmax(&logits) as u32;
-            if self.tokenizer.is_eog(t) || s.tokens().len() + 1 >= s.n_ctx() {
+            let mut next: Vec<Option<[u32; 1]>> = vec![None; n];
+            for i in 0..n {
+                if !active[i] {
+                    continue;
+                }
+                let t = argmax(&logits[i]) as u32;
+                let s = &sessions[i];
+                if self.tokenizer.is_eog(t) || s.tokens().len() + 1 >= s.n_ctx() {
+                    active[i] = false;
+                    continue;
+                }
+                ids[i].push(t);
+                let text = self.tokenizer.decode(&ids[i], false);
+                if done(&text)
+                    || text
+                        .rsplit_once("\n\n")
+                        .is_some_and(|(before, _)| said(before))
+                {
+                    active[i] = false;
+                    continue;
+                }
+                next[i] = Some([t]);
+            }
+            let mut batch: Vec<(&mut Session<'m>, &[u32])> = sessions
+                .iter_mut()
+                .zip(&next)
+                .filter_map(|(s, t)| t.as_ref().map(|t| (s, t.as_slice())))
+                .collect();
+            if batch.is_empty() {
                 break;
             }
-            ids.push(t);
-            let text = self.tokenizer.decode(&ids, false);
-            // A blank line ends the answer once it has said something (a list may
-            // follow "are:" and a blank line).
-            let said = |s: &str| s.chars().any(char::is_alphanumeric);
-            if done(&text)
-                || text
-                    .rsplit_once("\n\n")
-                    .is_some_and(|(before, _)| said(before))
-            {
-                break;
+            let fed: Vec<usize> = (0..n).filter(|&i| next[i].is_some()).collect();
+            for (i, l) in fed.into_iter().zip(Session::feed_batch(&mut batch)?) {
+                logits[i] = l;
             }
-            logits = s.feed(&[t])?;
         }
-        Ok(self.tokenizer.decode(&ids, false).trim().to_string())
+        Ok(ids
+            .iter()
+            .map(|ids| self.tokenizer.decode(ids, false).trim().to_string())
+            .collect())
     }
+}
+
+/// How many of the expected (lower-case) `answers` the text contains.
+fn found(answers: &[String], text: &str) -> usize {
+    let lower = text.to_lowercase();
+    answers
+        .iter()
+        .filter(|a| lower.contains(a.as_str()))
+        .count()
 }
 
 /// The fraction of the pairs at positions in `spans` that `s`'s evictable lists

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::fidelity::{summarize, Summary};
-use super::harness::{Answer, Continuation, Variant};
+use super::fidelity::{summarize, wilson, Summary};
+use super::harness::{Answer, Continuation};
 use super::tasks::TaskKind;
 use crate::kv::Policy;
 
@@ -124,26 +124,6 @@ impl Results {
         self.answers.entry((task, length)).or_default().extend(a);
     }
 
-    /// Drop every result of `v`.
-    pub fn remove_variant(&mut self, v: Variant) {
-        self.answers
-            .values_mut()
-            .for_each(|a| a.retain(|a| a.variant != v));
-        self.continuations
-            .values_mut()
-            .for_each(|c| c.retain(|c| c.variant != v));
-    }
-
-    /// Add everything `other` holds.
-    pub fn merge(&mut self, other: Results) {
-        for (k, a) in other.answers {
-            self.answers.entry(k).or_default().extend(a);
-        }
-        for (k, c) in other.continuations {
-            self.continuations.entry(k).or_default().extend(c);
-        }
-    }
-
     pub fn add_continuations(&mut self, length: usize, c: Vec<Continuation>) {
         self.continuations.entry(length).or_default().extend(c);
     }
@@ -226,7 +206,7 @@ fn kv_fraction(r: &crate::session::CompressReport) -> f64 {
 pub fn csv(rows: &[Row]) -> String {
     let mut out = String::from(
         "task,length,policy,keep,n,accuracy,accuracy_ci95,evidence_kept,kld_mean,kld_ci95,kld_p50,kld_p90,\
-         kld_p99,top1,top1_ci95,delta_nll,delta_nll_ci95,kv_fraction\n",
+         kld_p99,top1,top1_ci95,delta_nll,delta_nll_ci95,kv_fraction,accuracy_lo,accuracy_hi\n",
     );
     let opt = |s: &Option<Summary>| match s {
         Some(s) => format!("{:.6},{:.6}", s.mean, s.ci95),
@@ -237,9 +217,13 @@ pub fn csv(rows: &[Row]) -> String {
             Some(s) => format!("{:.6},{:.6},{:.6}", s.p50, s.p90, s.p99),
             None => ",,".to_string(),
         };
+        let wilson_bounds = r.accuracy.map_or(",".to_string(), |a| {
+            let (lo, hi) = wilson(a.mean, r.n);
+            format!("{lo:.6},{hi:.6}")
+        });
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{:.4}",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.4},{}",
             r.task,
             r.length,
             r.policy,
@@ -252,7 +236,8 @@ pub fn csv(rows: &[Row]) -> String {
             pct,
             opt(&r.top1),
             opt(&r.delta_nll),
-            r.kv_fraction
+            r.kv_fraction,
+            wilson_bounds
         );
     }
     out
@@ -279,17 +264,16 @@ pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::new();
     let full = full_rows(rows);
     if !full.is_empty() {
-        out.push_str("### Full cache accuracy\n\n| task | length | questions | accuracy | informative |\n|---|---|---|---|---|\n");
+        out.push_str("### Full cache accuracy\n\n| task | length | questions | accuracy [95% interval] | informative |\n|---|---|---|---|---|\n");
         for r in &full {
             let a = r.accuracy.expect("a task row");
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.2} ± {:.2} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 r.task,
                 r.length,
                 r.n,
-                a.mean,
-                a.ci95,
+                Cell::proportion(a.mean, r.n).show(2, true),
                 if a.mean >= INFORMATIVE { "yes" } else { "no" }
             );
         }
@@ -303,16 +287,50 @@ pub fn markdown(rows: &[Row]) -> String {
     out
 }
 
-/// A table cell: mean and 95% half-width, or nothing measured.
-type Cell = Option<(f64, f64)>;
+/// A table cell: a mean and its 95% interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Cell {
+    mean: f64,
+    lo: f64,
+    hi: f64,
+}
+
+impl Cell {
+    /// A proportion (accuracy) over `n` questions, with its Wilson interval.
+    fn proportion(mean: f64, n: usize) -> Self {
+        let (lo, hi) = wilson(mean, n);
+        Self { mean, lo, hi }
+    }
+
+    /// A mean with a symmetric (normal-approximation) half-width.
+    fn symmetric(mean: f64, ci: f64) -> Self {
+        Self {
+            mean,
+            lo: mean - ci,
+            hi: mean + ci,
+        }
+    }
+
+    /// `0.83 [0.64, 0.93]` for proportions, `0.0556 ± 0.0121` otherwise.
+    fn show(&self, digits: usize, interval: bool) -> String {
+        let d = digits;
+        if interval {
+            format!("{:.d$} [{:.d$}, {:.d$}]", self.mean, self.lo, self.hi)
+        } else {
+            format!("{:.d$} ± {:.d$}", self.mean, (self.hi - self.lo) / 2.0)
+        }
+    }
+}
 
 /// A policy-by-keep table of one metric.
 struct Table {
     keeps: Vec<f64>,
-    /// Policy, then one cell per keep ratio.
-    lines: Vec<(String, Vec<Cell>)>,
+    /// Policy, then one cell per keep ratio (None: not measured).
+    lines: Vec<(String, Vec<Option<Cell>>)>,
     /// Decimal places.
     digits: usize,
+    /// Cells show their interval as [lo, hi] (proportions) rather than ± half-width.
+    interval: bool,
 }
 
 impl Table {
@@ -324,13 +342,12 @@ impl Table {
         out.push_str("\n|---|");
         out.push_str(&"---|".repeat(self.keeps.len()));
         out.push('\n');
-        let d = self.digits;
         for (policy, cells) in &self.lines {
             let _ = write!(out, "| {policy} |");
             for c in cells {
                 match c {
-                    Some((m, ci)) => {
-                        let _ = write!(out, " {m:.d$} ± {ci:.d$} |");
+                    Some(c) => {
+                        let _ = write!(out, " {} |", c.show(self.digits, self.interval));
                     }
                     None => out.push_str(" – |"),
                 }
@@ -356,9 +373,11 @@ fn tables(rows: &[Row]) -> Vec<(String, Table)> {
             .collect();
         if !useful.is_empty() {
             // Pool the questions of informative tasks: the weighted mean of their rows.
-            let pooled = table(&at, 2, |rs| {
+            let pooled = table(&at, 2, true, |rs| {
                 let rs: Vec<&&Row> = rs.iter().filter(|r| useful.contains(&r.task)).collect();
+                let n = rs.iter().map(|r| r.n).sum();
                 pool(rs.iter().filter_map(|r| r.accuracy.map(|a| (r.n, a))))
+                    .map(|(mean, _)| Cell::proportion(mean, n))
             });
             out.push((
                 format!(
@@ -368,16 +387,17 @@ fn tables(rows: &[Row]) -> Vec<(String, Table)> {
                 pooled,
             ));
             for t in &useful {
-                let tbl = table(&at, 2, |rs| {
+                let tbl = table(&at, 2, true, |rs| {
                     rs.iter()
                         .find(|r| r.task == *t)
-                        .and_then(|r| r.accuracy.map(|a| (a.mean, a.ci95)))
+                        .and_then(|r| r.accuracy.map(|a| Cell::proportion(a.mean, r.n)))
                 });
                 out.push((format!("Accuracy on {t}, {length} tokens"), tbl));
             }
-            let kept = table(&at, 2, |rs| {
+            let kept = table(&at, 2, false, |rs| {
                 let rs: Vec<&&Row> = rs.iter().filter(|r| useful.contains(&r.task)).collect();
                 pool(rs.iter().filter_map(|r| r.evidence_kept.map(|e| (r.n, e))))
+                    .map(|(m, ci)| Cell::symmetric(m, ci))
             });
             out.push((
                 format!(
@@ -389,19 +409,22 @@ fn tables(rows: &[Row]) -> Vec<(String, Table)> {
         let cont: Vec<&Row> = at.iter().copied().filter(|r| r.kld.is_some()).collect();
         if !cont.is_empty() {
             let metric = |f: fn(&Row) -> Option<Summary>| {
-                move |rs: &[&Row]| rs.first().and_then(|r| f(r).map(|s| (s.mean, s.ci95)))
+                move |rs: &[&Row]| {
+                    rs.first()
+                        .and_then(|r| f(r).map(|s| Cell::symmetric(s.mean, s.ci95)))
+                }
             };
             out.push((
                 format!("Mean KLD (nats/token) vs the full cache, {length}-token contexts"),
-                table(&cont, 4, metric(|r| r.kld)),
+                table(&cont, 4, false, metric(|r| r.kld)),
             ));
             out.push((
                 format!("Top-1 agreement with the full cache, {length}-token contexts"),
-                table(&cont, 3, metric(|r| r.top1)),
+                table(&cont, 3, false, metric(|r| r.top1)),
             ));
             out.push((
                 format!("Delta NLL (nats/token) vs the full cache, {length}-token contexts"),
-                table(&cont, 4, metric(|r| r.delta_nll)),
+                table(&cont, 4, false, metric(|r| r.delta_nll)),
             ));
         }
     }
@@ -411,7 +434,12 @@ fn tables(rows: &[Row]) -> Vec<(String, Table)> {
 }
 
 /// A table over `rows` (one length): `cell` gets the rows of one policy and keep.
-fn table(rows: &[&Row], digits: usize, cell: impl Fn(&[&Row]) -> Cell) -> Table {
+fn table(
+    rows: &[&Row],
+    digits: usize,
+    interval: bool,
+    cell: impl Fn(&[&Row]) -> Option<Cell>,
+) -> Table {
     let keeps = keep_columns(rows);
     let full: Vec<&Row> = rows
         .iter()
@@ -447,6 +475,7 @@ fn table(rows: &[&Row], digits: usize, cell: impl Fn(&[&Row]) -> Cell) -> Table 
         keeps,
         lines,
         digits,
+        interval,
     }
 }
 
@@ -460,7 +489,7 @@ fn keep_columns(rows: &[&Row]) -> Vec<f64> {
 }
 
 /// Combine summaries of groups of sizes n into the pooled mean and its CI.
-fn pool(groups: impl Iterator<Item = (usize, Summary)>) -> Cell {
+fn pool(groups: impl Iterator<Item = (usize, Summary)>) -> Option<(f64, f64)> {
     let (mut n, mut sum, mut var_sum) = (0usize, 0.0, 0.0);
     for (k, s) in groups {
         n += k;
@@ -489,40 +518,96 @@ pub struct PlotError {
     message: String,
 }
 
-/// Draw `accuracy.png` (over informative tasks), `kld.png` and `top1.png` into
-/// `dir`: the metric against the keep ratio, one line per policy, for the first
-/// context length that has the metric. Returns the names of the files written.
-pub fn plots(rows: &[Row], dir: &Path, title: &str) -> Result<Vec<&'static str>, PlotError> {
+/// Draw the plots into `dir` and return the names of the files written:
+/// - per context length, `accuracy.png` (over informative tasks), `kld.png` and
+///   `top1.png`: the metric against the keep ratio, one line per policy (with
+///   several lengths the names carry the length: `accuracy_8192.png`);
+/// - with several lengths, `accuracy_by_length.png` and `kld_by_length.png`: the
+///   metric against the context length, one panel per keep ratio, one line per
+///   policy and the full cache's for reference.
+///
+/// Every point carries its 95% interval (Wilson for accuracy).
+pub fn plots(rows: &[Row], dir: &Path, title: &str) -> Result<Vec<String>, PlotError> {
     register_font();
-    let mut written = Vec::new();
+    let lengths: Vec<usize> = dedup(rows.iter().map(|r| r.length));
+    // (file stem, axis label, length, title, table) of every plotted table.
+    let mut plotted: Vec<(&str, &str, usize, String, Table)> = Vec::new();
     for (title_of, tbl) in tables(rows) {
-        let (file, y_desc) = if title_of.starts_with("Accuracy over") {
-            ("accuracy.png", "accuracy")
+        let (stem, y_desc) = if title_of.starts_with("Accuracy over") {
+            ("accuracy", "accuracy")
         } else if title_of.starts_with("Mean KLD") {
-            ("kld.png", "mean KLD (nats/token)")
+            ("kld", "mean KLD (nats/token)")
         } else if title_of.starts_with("Top-1") {
-            ("top1.png", "top-1 agreement")
+            ("top1", "top-1 agreement")
         } else {
             continue;
         };
-        if written.contains(&file) {
-            continue;
-        }
-        let path = dir.join(file);
-        draw(
+        let length = lengths
+            .iter()
+            .copied()
+            .find(|l| {
+                title_of.ends_with(&format!(" {l} tokens"))
+                    || title_of.ends_with(&format!(" {l}-token contexts"))
+            })
+            .unwrap_or(0);
+        plotted.push((stem, y_desc, length, title_of, tbl));
+    }
+    let mut written = Vec::new();
+    let mut by_metric: Vec<(&str, Vec<(usize, Table)>)> = Vec::new();
+    for (stem, y_desc, length, title_of, tbl) in plotted.iter() {
+        // With one length, `accuracy.png`; with several, one file per length.
+        let several = plotted.iter().filter(|p| p.0 == *stem).count() > 1;
+        let file = if several {
+            format!("{stem}_{length}.png")
+        } else {
+            format!("{stem}.png")
+        };
+        let path = dir.join(&file);
+        draw_by_keep(
             &path,
             &format!("{title}: {title_of}"),
             y_desc,
-            &tbl,
-            file == "kld.png",
+            tbl,
+            *stem == "kld",
         )
-        .map_err(|e| PlotError {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| plot_error(&path, e))?;
         written.push(file);
     }
+    for (stem, _, length, _, tbl) in plotted {
+        if stem == "top1" {
+            continue;
+        }
+        match by_metric.iter_mut().find(|(m, _)| *m == stem) {
+            Some((_, v)) => v.push((length, tbl)),
+            None => by_metric.push((stem, vec![(length, tbl)])),
+        }
+    }
+    let several = by_metric.iter().any(|(_, v)| v.len() > 1);
+    if several {
+        for (stem, per_length) in by_metric {
+            if per_length.len() < 2 {
+                continue;
+            }
+            let file = format!("{stem}_by_length.png");
+            let path = dir.join(&file);
+            let (what, y_desc) = if stem == "accuracy" {
+                ("accuracy over informative tasks", "accuracy")
+            } else {
+                ("mean KLD vs the full cache", "mean KLD (nats/token)")
+            };
+            draw_by_length(&path, &format!("{title}: {what}"), y_desc, &per_length)
+                .map_err(|e| plot_error(&path, e))?;
+            written.push(file);
+        }
+    }
     Ok(written)
+}
+
+fn plot_error(path: &Path, e: Box<dyn std::error::Error>) -> PlotError {
+    PlotError {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
 }
 
 /// Line colours that read well on white.
@@ -536,7 +621,13 @@ const PALETTE: [RGBColor; 7] = [
     RGBColor(86, 180, 233),
 ];
 
-fn draw(
+/// The largest upper end of an interval in `cells`, with head room.
+fn y_top<'a>(cells: impl Iterator<Item = &'a Cell>) -> f64 {
+    cells.map(|c| c.hi).fold(0.0f64, f64::max).max(1e-6) * 1.1
+}
+
+/// One metric against the keep ratio: a line per policy, error bars at the points.
+fn draw_by_keep(
     path: &Path,
     caption: &str,
     y_desc: &str,
@@ -545,13 +636,7 @@ fn draw(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
-    let y_max = tbl
-        .lines
-        .iter()
-        .flat_map(|(_, c)| c.iter().flatten().map(|(m, _)| *m))
-        .fold(0.0f64, f64::max)
-        .max(1e-6)
-        * 1.1;
+    let y_max = y_top(tbl.lines.iter().flat_map(|(_, c)| c.iter().flatten()));
     let mut chart = ChartBuilder::on(&root)
         .caption(caption, ("sans-serif", 18))
         .margin(12)
@@ -566,19 +651,13 @@ fn draw(
         .draw()?;
     for (i, (policy, cells)) in tbl.lines.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        let points: Vec<(f64, f64)> = tbl
+        let points: Vec<(f64, Cell)> = tbl
             .keeps
             .iter()
             .zip(cells)
-            .filter_map(|(&k, c)| c.map(|(m, _)| (k, m)))
+            .filter_map(|(&k, c)| c.map(|c| (k, c)))
             .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(policy.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        draw_line(&mut chart, policy, color, &points, 0.004 * (i as f64 - 3.0))?;
     }
     chart
         .configure_series_labels()
@@ -592,6 +671,147 @@ fn draw(
             SeriesLabelPosition::LowerRight
         })
         .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// A policy's line with its points and their intervals; `nudge` shifts it a little
+/// sideways so that the intervals of lines that meet stay apart.
+fn draw_line<DB: DrawingBackend>(
+    chart: &mut ChartContext<
+        '_,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    label: &str,
+    color: RGBColor,
+    points: &[(f64, Cell)],
+    nudge: f64,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    let xy: Vec<(f64, f64)> = points.iter().map(|&(x, c)| (x + nudge, c.mean)).collect();
+    chart
+        .draw_series(LineSeries::new(xy.clone(), color.stroke_width(2)))?
+        .label(label.to_string())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    chart.draw_series(xy.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    chart.draw_series(points.iter().map(|&(x, c)| {
+        ErrorBar::new_vertical(
+            x + nudge,
+            c.lo.max(0.0),
+            c.mean,
+            c.hi,
+            color.stroke_width(1),
+            8,
+        )
+    }))?;
+    Ok(())
+}
+
+/// One metric against the context length (log scale), a panel per keep ratio below
+/// 1: a line per policy, and the full cache's (keep 1.0) in every panel.
+fn draw_by_length(
+    path: &Path,
+    caption: &str,
+    y_desc: &str,
+    per_length: &[(usize, Table)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut keeps: Vec<f64> = per_length
+        .iter()
+        .flat_map(|(_, t)| t.keeps.iter().copied())
+        .filter(|&k| k < 1.0)
+        .collect();
+    keeps.sort_by(|a, b| b.total_cmp(a));
+    keeps.dedup();
+    let policies: Vec<String> = dedup(
+        per_length
+            .iter()
+            .flat_map(|(_, t)| t.lines.iter().map(|(p, _)| p.clone())),
+    );
+    // (policy, keep) -> points (log2 length, cell); the full cache under "full".
+    let series = |policy: &str, keep: f64| -> Vec<(f64, Cell)> {
+        per_length
+            .iter()
+            .filter_map(|(len, t)| {
+                let col = t.keeps.iter().position(|&k| k == keep)?;
+                let line = if policy == Policy::Full.name() {
+                    t.lines.first()
+                } else {
+                    t.lines.iter().find(|(p, _)| p == policy)
+                }?;
+                line.1[col].map(|c| ((*len as f64).log2(), c))
+            })
+            .collect()
+    };
+    let all: Vec<Cell> = per_length
+        .iter()
+        .flat_map(|(_, t)| {
+            t.lines
+                .iter()
+                .flat_map(|(_, c)| c.iter().flatten().copied())
+        })
+        .collect();
+    let y_max = y_top(all.iter());
+    let xs: Vec<f64> = per_length.iter().map(|(l, _)| (*l as f64).log2()).collect();
+    let (x_lo, x_hi) = (
+        xs.iter().copied().fold(f64::INFINITY, f64::min) - 0.3,
+        xs.iter().copied().fold(f64::NEG_INFINITY, f64::max) + 0.3,
+    );
+    let cols = keeps.len().clamp(1, 2);
+    let rows = keeps.len().div_ceil(cols).max(1);
+    let root =
+        BitMapBackend::new(path, (560 * cols as u32, 420 * rows as u32 + 40)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(caption, ("sans-serif", 20))?;
+    let panels = root.split_evenly((rows, cols));
+    for (panel, &keep) in panels.iter().zip(&keeps) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("keep {keep}"), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x_lo..x_hi, 0.0f64..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("context length (tokens)")
+            .y_desc(y_desc)
+            .x_labels(xs.len() * 2 + 1)
+            .x_label_formatter(&|x| {
+                let l = 2f64.powf(*x).round() as usize;
+                if (x.fract()).abs() < 1e-9 {
+                    format!("{l}")
+                } else {
+                    String::new()
+                }
+            })
+            .label_style(("sans-serif", 13))
+            .draw()?;
+        let full = series(Policy::Full.name(), 1.0);
+        draw_line(&mut chart, "full", RGBColor(0, 0, 0), &full, 0.0)?;
+        for (i, policy) in policies.iter().enumerate() {
+            let points = series(policy, keep);
+            if points.is_empty() {
+                continue;
+            }
+            let color = PALETTE[i % PALETTE.len()];
+            draw_line(
+                &mut chart,
+                policy,
+                color,
+                &points,
+                0.03 * (i as f64 + 1.0 - policies.len() as f64 / 2.0),
+            )?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 12))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+    }
     root.present()?;
     Ok(())
 }
@@ -613,6 +833,7 @@ fn register_font() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::harness::Variant;
     use crate::session::CompressReport;
 
     fn answers(policy: Policy, keep: f64, scores: &[f64]) -> Vec<Answer> {
@@ -654,9 +875,16 @@ mod tests {
         let kvzip = rows.iter().find(|r| r.policy == "kvzip").unwrap();
         assert_eq!((kvzip.n, kvzip.accuracy.unwrap().mean), (2, 0.5));
         let md = markdown(&rows);
-        assert!(md.contains("| kv | 512 | 3 | 0.33 ± 0.65 | no |"), "{md}");
+        // Wilson intervals: 1 of 3 is [0.06, 0.79]; 2 of 2 [0.34, 1]; 1 of 2 [0.09, 0.91].
+        assert!(
+            md.contains("| kv | 512 | 3 | 0.33 [0.06, 0.79] | no |"),
+            "{md}"
+        );
         // keep 1.0 is the full cache's figure; kv is uninformative, so not pooled.
-        assert!(md.contains("| kvzip | 1.00 ± 0.00 | 0.50 ± 0.98 |"), "{md}");
+        assert!(
+            md.contains("| kvzip | 1.00 [0.34, 1.00] | 0.50 [0.09, 0.91] |"),
+            "{md}"
+        );
         assert_eq!(csv(&rows).lines().count(), 4);
 
         // The CSV reads back into the same tables, and a merge replaces re-measured rows.
@@ -692,6 +920,41 @@ mod tests {
         let md = markdown(&r.rows());
         assert!(md.contains("### Full cache accuracy"));
         assert!(!md.contains("| policy |"), "{md}");
+    }
+
+    /// With several context lengths, a plot per length and metric against the keep
+    /// ratio, and the metrics against the length, are written.
+    #[test]
+    fn plots_by_length() {
+        let mut r = Results::default();
+        for (len, hit) in [(1024, 1.0), (4096, 0.5)] {
+            r.add_answers(
+                TaskKind::SingleNoise,
+                len,
+                answers(Policy::Full, 1.0, &[1.0, 1.0, 1.0]),
+            );
+            for keep in [0.5, 0.3] {
+                r.add_answers(
+                    TaskKind::SingleNoise,
+                    len,
+                    answers(Policy::Gated, keep, &[1.0, hit, 0.0]),
+                );
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let written = plots(&r.rows(), dir.path(), "test").unwrap();
+        assert_eq!(
+            written,
+            [
+                "accuracy_1024.png",
+                "accuracy_4096.png",
+                "accuracy_by_length.png"
+            ]
+        );
+        for f in &written {
+            let bytes = std::fs::read(dir.path().join(f)).unwrap();
+            assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000, "{f}");
+        }
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! RULER-style synthetic long-context tasks, generated deterministically from a seed.
 //!
 //! A [`Sample`] is a context (an instruction and a haystack with needles in it) and
-//! a question about it. The context is what gets compressed; the question comes
-//! after, so a query-agnostic policy never sees it. (A sample holds a list of
-//! questions, which would share one prefill and compression; the tasks here ask
-//! one each, as RULER does, because on a CPU each question's decoding under every
-//! variant costs about as much as the prefill it would save.)
+//! the questions asked about it. The context is what gets compressed; the questions
+//! come after, so a query-agnostic policy never sees them.
+//!
+//! A sample asks one question, as RULER does, or several: with `queries` = K the
+//! haystack holds K independent instances of the task (each with its own needles,
+//! keys and distractors, at its own depth) and each instance is asked on its own,
+//! after the same compressed context. At long contexts the prefill is most of the
+//! cost, so K questions per prefill is what makes enough questions affordable; the
+//! other instances are more distractors, as in RULER's multi-query tasks.
 //!
 //! Prompts follow RULER's wording (Hsieh et al., 2024); the key-value task follows
 //! SCBench's retrieval task. Context lengths are counted in tokens of the model's
@@ -50,6 +54,8 @@ pub enum TaskError {
     TooShort(usize, TaskKind),
     #[error("could not place unique needles for the {0} task (the haystack repeats them)")]
     NotUnique(TaskKind),
+    #[error("a sample must ask at least one question")]
+    NoQueries,
 }
 
 /// The kinds of task.
@@ -159,19 +165,27 @@ impl<'a> Generator<'a> {
         }
     }
 
-    /// Sample `index` of `n` of a task with a context of about `n_tokens` tokens.
-    /// Needle depths are spread over the samples: sample i's first needle sits in
-    /// the i-th of n equal slices of the context.
+    /// Sample `index` of `n` of a task with a context of about `n_tokens` tokens that
+    /// asks `queries` questions (that many instances of the task in one haystack).
+    /// Question depths are spread over all n x queries questions: instance q of
+    /// sample i sits in slice q*n + i of n*queries equal slices of the context, so
+    /// each sample covers every depth and the samples together cover each slice once.
+    /// With one question, sample i's needle sits in the i-th of n slices.
     pub fn sample(
         &mut self,
         task: TaskKind,
         n_tokens: usize,
         index: usize,
         n: usize,
+        queries: usize,
     ) -> Result<Sample, TaskError> {
         if task.needs_text() && self.sentences.is_empty() {
             return Err(TaskError::NoHaystack(task));
         }
+        if queries == 0 {
+            return Err(TaskError::NoQueries);
+        }
+        let n = n.max(1);
         // Retry with fresh draws in the rare case a value also occurs in the haystack.
         for attempt in 0..16u64 {
             let mut rng = StdRng::seed_from_u64(
@@ -181,8 +195,11 @@ impl<'a> Generator<'a> {
                     ^ (index as u64) << 4
                     ^ attempt,
             );
-            let depth = (index as f64 + rng.random::<f64>()) / n.max(1) as f64;
-            let s = self.build(task, n_tokens, depth, &mut rng)?;
+            let slices = (n * queries) as f64;
+            let depths: Vec<f64> = (0..queries)
+                .map(|q| ((q * n + index) as f64 + rng.random::<f64>()) / slices)
+                .collect();
+            let s = self.build(task, n_tokens, &depths, &mut rng)?;
             // Evidence occurs once; so do answers, but for variable names (the next
             // variable in a chain is assigned from each of them).
             let once = |x: &String| s.context.matches(x.as_str()).count() == 1;
@@ -197,111 +214,120 @@ impl<'a> Generator<'a> {
         Err(TaskError::NotUnique(task))
     }
 
+    /// One context holding an instance of `task` at each of `depths` (fractions of
+    /// the haystack); each instance is asked once.
     fn build(
         &mut self,
         task: TaskKind,
         n_tokens: usize,
-        depth: f64,
+        depths: &[f64],
         rng: &mut StdRng,
     ) -> Result<Sample, TaskError> {
-        let keys = distinct_keys(rng, 4);
-        let (intro, needles, queries) = match task {
-            TaskKind::SingleNoise | TaskKind::SingleText => {
-                let (kind, value) = if task == TaskKind::SingleNoise {
-                    ("number", number(rng, 7))
-                } else {
-                    ("word", pick(rng, NOUNS).to_string())
-                };
-                let needle = format!(
-                    "One of the special magic {kind}s for {} is: {value}.",
-                    keys[0]
-                );
-                let q = niah_query(kind, &keys[0], vec![value], needle.clone(), false);
-                (niah_intro(kind), vec![(depth, needle)], vec![q])
-            }
-            TaskKind::MultiKey => {
-                let mut needles = Vec::new();
-                let mut queries = Vec::new();
-                for (i, key) in keys.iter().enumerate() {
-                    let value = number(rng, 7);
-                    let needle = format!("One of the special magic numbers for {key} is: {value}.");
-                    let d = if i == 0 { depth } else { rng.random() };
-                    needles.push((d, needle.clone()));
-                    if i == 0 {
-                        queries.push(niah_query("number", key, vec![value], needle, false));
+        // Four keys per instance (the asked one and up to three distractors), drawn
+        // first for every task so that one question draws as it always has.
+        let keys = distinct_keys(rng, 4 * depths.len());
+        if task == TaskKind::KvRetrieval {
+            return self.kv_retrieval(n_tokens, depths, rng);
+        }
+        let (mut needles, mut queries) = (Vec::new(), Vec::new());
+        let intro = match task {
+            TaskKind::SingleNoise | TaskKind::SingleText | TaskKind::MultiKey => {
+                let asked: Vec<&str> = keys.iter().step_by(4).map(String::as_str).collect();
+                let mut words: Vec<&str> = Vec::new();
+                for (q, &depth) in depths.iter().enumerate() {
+                    let keys = &keys[4 * q..4 * q + 4];
+                    let (kind, value) = if task == TaskKind::SingleText {
+                        let w = word(rng, q, &words, &asked);
+                        words.push(w);
+                        ("word", w.to_string())
+                    } else {
+                        ("number", number(rng, 7))
+                    };
+                    let needle = format!(
+                        "One of the special magic {kind}s for {} is: {value}.",
+                        keys[0]
+                    );
+                    queries.push(niah_query(
+                        kind,
+                        &keys[0],
+                        vec![value],
+                        needle.clone(),
+                        false,
+                    ));
+                    needles.push((depth, needle));
+                    if task == TaskKind::MultiKey {
+                        for key in &keys[1..] {
+                            let value = number(rng, 7);
+                            let needle =
+                                format!("One of the special magic numbers for {key} is: {value}.");
+                            needles.push((rng.random(), needle));
+                        }
                     }
                 }
-                (niah_intro("number"), needles, queries)
+                niah_intro(if task == TaskKind::SingleText {
+                    "word"
+                } else {
+                    "number"
+                })
             }
             TaskKind::MultiValue => {
-                let mut needles = Vec::new();
-                let mut queries = Vec::new();
-                for (i, key) in keys[..2].iter().enumerate() {
-                    let values: Vec<String> = (0..4).map(|_| number(rng, 7)).collect();
-                    let mut evidence = Vec::new();
-                    for (j, v) in values.iter().enumerate() {
-                        let needle = format!("One of the special magic numbers for {key} is: {v}.");
-                        let d = if i == 0 && j == 0 {
-                            depth
-                        } else {
-                            rng.random()
-                        };
-                        needles.push((d, needle.clone()));
-                        evidence.push(needle);
-                    }
-                    if i == 0 {
-                        let mut q = niah_query("number", key, values, String::new(), true);
-                        q.evidence = evidence;
-                        queries.push(q);
+                // Two keys per instance, four values each: the first key is asked.
+                for (q, &depth) in depths.iter().enumerate() {
+                    for (i, key) in keys[2 * q..2 * q + 2].iter().enumerate() {
+                        let values: Vec<String> = (0..4).map(|_| number(rng, 7)).collect();
+                        let mut evidence = Vec::new();
+                        for (j, v) in values.iter().enumerate() {
+                            let needle =
+                                format!("One of the special magic numbers for {key} is: {v}.");
+                            let d = if i == 0 && j == 0 {
+                                depth
+                            } else {
+                                rng.random()
+                            };
+                            needles.push((d, needle.clone()));
+                            evidence.push(needle);
+                        }
+                        if i == 0 {
+                            let mut q = niah_query("number", key, values, String::new(), true);
+                            q.evidence = evidence;
+                            queries.push(q);
+                        }
                     }
                 }
-                (niah_intro("number"), needles, queries)
+                niah_intro("number")
             }
             TaskKind::VariableTracking => {
-                let mut needles = Vec::new();
-                let mut queries = Vec::new();
-                let names = distinct_names(rng, 10);
-                for (c, chain) in names.chunks(5).enumerate() {
-                    let value = number(rng, 5);
-                    let mut depths: Vec<f64> = (0..5).map(|_| rng.random()).collect();
-                    if c == 0 {
-                        depths[0] = depth;
+                // Two chains of five per instance: the first is asked.
+                let names = distinct_names(rng, 10 * depths.len());
+                for (q, &depth) in depths.iter().enumerate() {
+                    for (c, chain) in names[10 * q..10 * q + 10].chunks(5).enumerate() {
+                        let value = number(rng, 5);
+                        let mut ds: Vec<f64> = (0..5).map(|_| rng.random()).collect();
+                        if c == 0 {
+                            ds[0] = depth;
+                        }
+                        ds.sort_by(f64::total_cmp);
+                        let mut evidence = Vec::new();
+                        for (j, name) in chain.iter().enumerate() {
+                            let rhs = if j == 0 {
+                                value.clone()
+                            } else {
+                                format!("VAR {}", chain[j - 1])
+                            };
+                            needles.push((ds[j], format!("VAR {name} = {rhs}.")));
+                            evidence.push(format!("VAR {name} = "));
+                        }
+                        evidence.push(format!("= {value}."));
+                        if c == 0 {
+                            queries.push(vt_query(&value, chain, evidence));
+                        }
                     }
-                    depths.sort_by(f64::total_cmp);
-                    let mut evidence = Vec::new();
-                    for (j, name) in chain.iter().enumerate() {
-                        let rhs = if j == 0 {
-                            value.clone()
-                        } else {
-                            format!("VAR {}", chain[j - 1])
-                        };
-                        let stmt = format!("VAR {name} = {rhs}.");
-                        needles.push((depths[j], stmt));
-                        evidence.push(format!("VAR {name} = "));
-                    }
-                    evidence.push(format!("= {value}."));
-                    if c > 0 {
-                        continue;
-                    }
-                    queries.push(Query {
-                        question: format!(
-                            "Question: Find all variables that are assigned the value {value} in \
-                             the text above."
-                        ),
-                        answer_prefix: format!(
-                            "Answer: According to the chain(s) of variable assignment in the text \
-                             above, 5 variables are assigned the value {value}, they are:"
-                        ),
-                        answers: chain.to_vec(),
-                        evidence,
-                    });
                 }
-                let intro = "Memorize and track the chain(s) of variable assignment hidden in the \
-                             following text.\n\n"
-                    .to_string();
-                (intro, needles, queries)
+                "Memorize and track the chain(s) of variable assignment hidden in the \
+                 following text.\n\n"
+                    .to_string()
             }
-            TaskKind::KvRetrieval => return self.kv_retrieval(n_tokens, depth, rng),
+            TaskKind::KvRetrieval => unreachable!("built above"),
         };
         let filler = if task == TaskKind::SingleText {
             // The text from a random sentence on, wrapping around.
@@ -374,7 +400,7 @@ impl<'a> Generator<'a> {
     fn kv_retrieval(
         &mut self,
         n_tokens: usize,
-        depth: f64,
+        depths: &[f64],
         rng: &mut StdRng,
     ) -> Result<Sample, TaskError> {
         let task = TaskKind::KvRetrieval;
@@ -393,20 +419,35 @@ impl<'a> Generator<'a> {
             left -= size;
             pairs.push(pair);
         }
-        // The asked pair and at least one other.
-        if pairs.len() < 2 {
+        // The asked pairs and at least one other.
+        if pairs.len() < depths.len() + 1 {
             return Err(TaskError::TooShort(n_tokens, task));
         }
         let context = format!("{intro}{}}}", pairs.join(", "));
-        let pair = &pairs[((depth * pairs.len() as f64) as usize).min(pairs.len() - 1)];
-        let (key, value) = pair.split_once(": ").expect("a pair has a colon");
-        let (key, value) = (key.trim_matches('"'), value.trim_matches('"'));
-        let queries = vec![Query {
-            question: format!("Key: \"{key}\"\nThe value associated with the specified key is:"),
-            answer_prefix: "Corresponding value:".to_string(),
-            answers: vec![value.to_string()],
-            evidence: vec![value.to_string(), key.to_string()],
-        }];
+        let mut asked: Vec<usize> = Vec::new();
+        for &d in depths {
+            // The pair at that depth, or the next one not asked yet.
+            let mut i = ((d * pairs.len() as f64) as usize).min(pairs.len() - 1);
+            while asked.contains(&i) {
+                i = (i + 1) % pairs.len();
+            }
+            asked.push(i);
+        }
+        let queries = asked
+            .iter()
+            .map(|&i| {
+                let (key, value) = pairs[i].split_once(": ").expect("a pair has a colon");
+                let (key, value) = (key.trim_matches('"'), value.trim_matches('"'));
+                Query {
+                    question: format!(
+                        "Key: \"{key}\"\nThe value associated with the specified key is:"
+                    ),
+                    answer_prefix: "Corresponding value:".to_string(),
+                    answers: vec![value.to_string()],
+                    evidence: vec![value.to_string(), key.to_string()],
+                }
+            })
+            .collect();
         Ok(Sample {
             task,
             n_tokens: (self.count)(&context),
@@ -451,6 +492,32 @@ fn niah_query(kind: &str, key: &str, answers: Vec<String>, needle: String, all: 
         answer_prefix,
         answers,
         evidence: vec![needle],
+    }
+}
+
+fn vt_query(value: &str, chain: &[String], evidence: Vec<String>) -> Query {
+    Query {
+        question: format!(
+            "Question: Find all variables that are assigned the value {value} in the text above."
+        ),
+        answer_prefix: format!(
+            "Answer: According to the chain(s) of variable assignment in the text above, 5 \
+             variables are assigned the value {value}, they are:"
+        ),
+        answers: chain.to_vec(),
+        evidence,
+    }
+}
+
+/// The word value of instance `q`: after the first (drawn as a single question
+/// draws it), one that no earlier instance used and no asked key contains, so
+/// that every answer occurs once.
+fn word(rng: &mut StdRng, q: usize, used: &[&str], asked_keys: &[&str]) -> &'static str {
+    loop {
+        let w = pick(rng, NOUNS);
+        if q == 0 || !(used.contains(&w) || asked_keys.iter().any(|k| k.contains(w))) {
+            return w;
+        }
     }
 }
 
@@ -536,7 +603,7 @@ mod tests {
         let mut out = Vec::new();
         for task in TaskKind::ALL {
             for i in 0..3 {
-                out.push(g.sample(task, n_tokens, i, 3).unwrap());
+                out.push(g.sample(task, n_tokens, i, 3, 1).unwrap());
             }
         }
         out
@@ -592,7 +659,7 @@ mod tests {
         let n = 8;
         let mut depths = Vec::new();
         for i in 0..n {
-            let s = g.sample(TaskKind::SingleNoise, 2000, i, n).unwrap();
+            let s = g.sample(TaskKind::SingleNoise, 2000, i, n, 1).unwrap();
             let at = s.context.find(&s.queries[0].evidence[0]).unwrap();
             depths.push(at as f64 / s.context.len() as f64);
         }
@@ -605,18 +672,77 @@ mod tests {
         }
     }
 
+    /// Several questions per sample: every task places an independent instance per
+    /// question (its own keys, values and evidence, each once in the context), and
+    /// the questions of all samples cover the depth slices one each.
+    #[test]
+    fn several_questions_per_sample() {
+        let c: &dyn Fn(&str) -> usize = &count;
+        let mut g = Generator::new(c, Some(TEXT), 9);
+        let (n, k) = (3, 4);
+        for task in TaskKind::ALL {
+            let mut depths = Vec::new();
+            for i in 0..n {
+                let s = g.sample(task, 6000, i, n, k).unwrap();
+                assert_eq!(s.queries.len(), k, "{task}");
+                assert!(
+                    s.n_tokens <= 6000 && s.n_tokens > 5000,
+                    "{task}: {}",
+                    s.n_tokens
+                );
+                let mut questions: Vec<&str> =
+                    s.queries.iter().map(|q| q.question.as_str()).collect();
+                questions.dedup();
+                assert_eq!(questions.len(), k, "{task}: repeated questions");
+                for q in &s.queries {
+                    for e in &q.evidence {
+                        assert_eq!(s.context.matches(e.as_str()).count(), 1, "{task}: {e}");
+                    }
+                    if task != TaskKind::VariableTracking {
+                        for a in &q.answers {
+                            assert_eq!(s.context.matches(a.as_str()).count(), 1, "{task}: {a}");
+                        }
+                    }
+                    let first = q.evidence.iter().filter_map(|e| s.context.find(e.as_str()));
+                    if let Some(at) = first.min() {
+                        depths.push(at as f64 / s.context.len() as f64);
+                    }
+                }
+            }
+            // One question in each of the n*k slices (the first piece of evidence can
+            // sit before its slice where distractors share the instance).
+            if matches!(
+                task,
+                TaskKind::SingleNoise | TaskKind::SingleText | TaskKind::KvRetrieval
+            ) {
+                depths.sort_by(f64::total_cmp);
+                for (j, d) in depths.iter().enumerate() {
+                    let slice = j as f64 / (n * k) as f64;
+                    assert!(
+                        (slice - 0.05..slice + 1.0 / (n * k) as f64 + 0.05).contains(d),
+                        "{task}: question {j} at depth {d}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn clear_errors() {
         let c: &dyn Fn(&str) -> usize = &count;
         let mut g = Generator::new(c, None, 0);
         assert_eq!(
-            g.sample(TaskKind::SingleText, 1000, 0, 1),
+            g.sample(TaskKind::SingleText, 1000, 0, 1, 1),
             Err(TaskError::NoHaystack(TaskKind::SingleText))
         );
         assert!(matches!(
-            g.sample(TaskKind::MultiKey, 20, 0, 1),
+            g.sample(TaskKind::MultiKey, 20, 0, 1, 1),
             Err(TaskError::TooShort(20, TaskKind::MultiKey))
         ));
+        assert_eq!(
+            g.sample(TaskKind::SingleNoise, 1000, 0, 1, 0),
+            Err(TaskError::NoQueries)
+        );
         assert_eq!(
             "needle".parse::<TaskKind>(),
             Err(TaskError::Unknown("needle".into()))

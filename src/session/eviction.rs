@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::Session;
+use super::{Progress, Session};
 use crate::kv::policy::{max_pool, select, Candidate, SINK_TOKENS, SNAPKV_KERNEL, SNAPKV_WINDOW};
 use crate::kv::{
     release_freed_memory, ContextFileError, EvictMode, KeyFilter, Level, Policy, Probe, Reduce,
@@ -52,7 +52,7 @@ pub enum SessionError {
     )]
     NoGates,
     #[error(
-        "the kvzip teacher needs {needed} positions but the model knows {n_ctx_train}: use a shorter context"
+        "the kvzip teacher scores contexts within the model's {n_ctx_train} positions, but this one ends at {needed}: use a shorter context"
     )]
     TeacherTooLong { needed: usize, n_ctx_train: usize },
     #[error("the saved context holds {n} tokens but this session's context is {n_ctx} (raise -c)")]
@@ -260,6 +260,17 @@ impl Session<'_> {
         prefix: &[u32],
         context: &[u32],
     ) -> Result<(Vec<f32>, CompressReport), SessionError> {
+        self.feed_context_with_progress(prefix, context, &mut |_, _| {})
+    }
+
+    /// [`Session::feed_context`], telling `progress` after each chunk of the context
+    /// (the KVzip teacher's passes, after the last chunk, are not counted).
+    pub fn feed_context_with_progress(
+        &mut self,
+        prefix: &[u32],
+        context: &[u32],
+        progress: Progress,
+    ) -> Result<(Vec<f32>, CompressReport), SessionError> {
         let t0 = Instant::now();
         let cfg = self.eviction.clone();
         let evicting = cfg.policy != Policy::Full && cfg.keep < 1.0 && !context.is_empty();
@@ -280,9 +291,12 @@ impl Session<'_> {
             window,
             ..CompressReport::default()
         };
+        let n = context.len();
+        let chunk_len = self.prefill_chunk;
+        let mut done = |i: usize, chunk: &[u32]| progress((i * chunk_len + chunk.len()).min(n), n);
         if !evicting {
             if !context.is_empty() {
-                logits = self.feed(context)?;
+                logits = self.feed_with_progress(context, progress)?;
             }
         } else if cfg.policy.scores_incrementally() {
             let n_chunks = context.len().div_ceil(self.prefill_chunk);
@@ -300,11 +314,13 @@ impl Session<'_> {
                 }
                 let judge_to = self.cache.n_seen().saturating_sub(window);
                 self.judge(judge_to, keep_outside);
+                done(i, chunk);
             }
         } else {
             let n_chunks = context.len().div_ceil(self.prefill_chunk);
             for (i, chunk) in context.chunks(self.prefill_chunk).enumerate() {
                 logits = self.forward(chunk, last_logits(i, n_chunks), None)?;
+                done(i, chunk);
             }
             let t = Instant::now();
             self.run_teacher(ctx_start, self.cache.n_seen())?;
@@ -496,10 +512,26 @@ impl Session<'_> {
             .collect()
     }
 
-    /// Whether the KVzip teacher's repeat passes fit in the model's positions for a
-    /// context of `n` tokens ending at position `ctx_end`.
+    /// Whether the KVzip teacher can score a context of `n` tokens ending at position
+    /// `ctx_end`: the context must lie within the model's training context. Its
+    /// repeat passes (instruction, header and one chunk of at most [`KVZIP_CHUNK`]
+    /// tokens, run after the context and then dropped) may reach past it by that
+    /// much, so that a context that fills the model's context can be scored too;
+    /// RoPE then extrapolates a little, for a pass whose only output is the scores.
     pub fn check_teacher_fits(&self, ctx_end: usize, n: usize) -> Result<(), SessionError> {
+        self.teacher_end(ctx_end, n).map(drop)
+    }
+
+    /// The position after the teacher's longest repeat pass, once it is checked.
+    fn teacher_end(&self, ctx_end: usize, n: usize) -> Result<usize, SessionError> {
         let t = self.teacher.as_ref().ok_or(SessionError::NoTeacherPrompt)?;
+        let n_ctx_train = self.model.config.n_ctx_train;
+        if ctx_end > n_ctx_train {
+            return Err(SessionError::TeacherTooLong {
+                needed: ctx_end,
+                n_ctx_train,
+            });
+        }
         // The longest repeat input: instruction, header and one chunk.
         let longest = t.header.len()
             + if n > KVZIP_CHUNK {
@@ -507,23 +539,15 @@ impl Session<'_> {
             } else {
                 t.first.len() + n
             };
-        let n_ctx_train = self.model.config.n_ctx_train;
-        if ctx_end + longest > n_ctx_train {
-            return Err(SessionError::TeacherTooLong {
-                needed: ctx_end + longest,
-                n_ctx_train,
-            });
-        }
-        Ok(())
+        Ok(ctx_end + longest)
     }
 
     /// Score every context pair with the KVzip teacher: for each chunk of the context
     /// `ctx_start..ctx_end`, run the repeat prompt and that chunk after the context,
     /// take each pair's largest attention probability, then drop the repeat's KV.
     pub fn run_teacher(&mut self, ctx_start: usize, ctx_end: usize) -> Result<(), SessionError> {
-        self.check_teacher_fits(self.cache.n_seen(), ctx_end - ctx_start)?;
+        let positions = self.teacher_end(self.cache.n_seen(), ctx_end - ctx_start)?;
         let t = self.teacher.clone().ok_or(SessionError::NoTeacherPrompt)?;
-        let n_ctx_train = self.model.config.n_ctx_train;
         for h in self.cache.evictable_heads_mut() {
             let from = h.pos.partition_point(|&p| (p as usize) < ctx_start);
             let to = h.pos.partition_point(|&p| (p as usize) < ctx_end);
@@ -560,7 +584,7 @@ impl Session<'_> {
                         sub,
                         &mut self.cache,
                         Logits::None,
-                        n_ctx_train,
+                        positions,
                         Some(&probe),
                         None,
                     )

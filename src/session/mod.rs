@@ -18,6 +18,10 @@ use crate::model::{Logits, Model, ModelError, Sequence};
 /// weights, small enough to bound scratch memory.
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
+/// Told, after each prefill chunk, how many of the tokens being fed are in and how
+/// many there are (a front end draws a progress bar with it).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
 /// A model together with a KV cache and the token ids the cache holds. Cloning one
 /// copies its cache (the eval harness compresses copies of one prefilled context).
 #[derive(Clone)]
@@ -86,6 +90,15 @@ impl<'m> Session<'m> {
     /// last token (empty if `tokens` is empty). Under a decode budget, eviction runs
     /// as the tokens arrive.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.feed_with_progress(tokens, &mut |_, _| {})
+    }
+
+    /// [`Session::feed`], telling `progress` after each chunk.
+    pub fn feed_with_progress(
+        &mut self,
+        tokens: &[u32],
+        progress: Progress,
+    ) -> Result<Vec<f32>, ModelError> {
         let mut last = Vec::new();
         let n_chunks = tokens.len().div_ceil(self.prefill_chunk);
         for (i, chunk) in tokens.chunks(self.prefill_chunk).enumerate() {
@@ -97,6 +110,10 @@ impl<'m> Session<'m> {
             let probe = self.budget_probe(chunk.len());
             last = self.forward(chunk, want, probe)?;
             self.after_feed(chunk.len());
+            progress(
+                (i * self.prefill_chunk + chunk.len()).min(tokens.len()),
+                tokens.len(),
+            );
         }
         Ok(last)
     }
@@ -230,8 +247,19 @@ impl<'m> Session<'m> {
     /// what it holds already; returns the logits after `prompt` and how many tokens
     /// had to be run. This is how chat avoids re-reading its history every turn.
     pub fn feed_reusing_prefix(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize), ModelError> {
+        self.feed_reusing_prefix_with_progress(prompt, &mut |_, _| {})
+    }
+
+    /// [`Session::feed_reusing_prefix`], telling `progress` after each chunk of the
+    /// tokens that run.
+    pub fn feed_reusing_prefix_with_progress(
+        &mut self,
+        prompt: &[u32],
+        progress: Progress,
+    ) -> Result<(Vec<f32>, usize), ModelError> {
         let common = self.keep_prefix_of(prompt);
-        Ok((self.feed(&prompt[common..])?, prompt.len() - common))
+        let logits = self.feed_with_progress(&prompt[common..], progress)?;
+        Ok((logits, prompt.len() - common))
     }
 
     /// How many tokens the cache holds that `prompt` begins with.
