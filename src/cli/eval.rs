@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::{load_gates, note, progress, Loaded, ModelArgs};
+use crate::eval::budget::BudgetVariant;
 use crate::eval::harness::Answer;
 use crate::eval::report::{self, Results, Row};
 use crate::eval::tasks::{Generator, TaskKind};
@@ -32,6 +33,34 @@ pub enum EvalCommand {
     Niah(NiahArgs),
     /// Both, over policies x keep ratios, written as CSV, markdown and PNG plots.
     Sweep(SweepArgs),
+    /// A long generation under decode budgets: the full cache generates greedily and
+    /// every policy x budget is teacher-forced the same tokens; KL divergence, top-1
+    /// agreement and the KV bytes held, over the generation.
+    Budget(BudgetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BudgetArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Text the prompt is taken from (its first --prompt tokens).
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Prompt tokens before the generation.
+    #[arg(long, default_value_t = 1024)]
+    pub prompt: usize,
+    /// Tokens generated (teacher-forced under the budgets).
+    #[arg(long, default_value_t = 4096)]
+    pub gen: usize,
+    /// Decode budgets: pairs per (layer, KV head) list, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    pub budgets: Vec<usize>,
+    /// Generated tokens per row of the per-segment tables.
+    #[arg(long, default_value_t = 512)]
+    pub segment: usize,
+    /// Directory for budget.csv and the plots budget_kv.png and budget_kld.png.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Flags every eval command takes. Sessions use the model's training context (-c
@@ -186,7 +215,87 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             finish(&a.common, &results.rows(), t0)
         }
         EvalCommand::Sweep(a) => sweep(a),
+        EvalCommand::Budget(a) => budget(a),
     }
+}
+
+fn budget(a: BudgetArgs) -> Result<()> {
+    if a.prompt == 0 || a.gen == 0 || a.segment == 0 || a.budgets.is_empty() {
+        bail!("--prompt, --gen, --segment and --budgets must be at least 1");
+    }
+    let (l, variants) = setup(&a.common, &[1.0])?;
+    let mut policies: Vec<Policy> = variants.iter().map(|v| v.policy).collect();
+    if a.common.policies.is_none() {
+        // The default list, less what cannot run under a budget (kvzip) and the floor.
+        policies.retain(|p| p.scores_incrementally() && *p != Policy::Random);
+    }
+    if let Some(p) = policies.iter().find(|p| !p.scores_incrementally()) {
+        bail!("{p} scores a whole context at once and cannot run under a decode budget");
+    }
+    let mut variants = Vec::new();
+    for &policy in &policies {
+        for &budget in &a.budgets {
+            let cfg = crate::session::EvictionConfig {
+                budget: Some(budget),
+                ..crate::session::EvictionConfig::new(policy, 1.0)
+            };
+            cfg.validate()?;
+            variants.push(BudgetVariant { policy, budget });
+        }
+    }
+    let h = harness(
+        &a.common,
+        &l,
+        &policies
+            .iter()
+            .map(|&policy| Variant { policy, keep: 1.0 })
+            .collect::<Vec<_>>(),
+    )?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?;
+    let mut prompt = l.tokenizer.encode("", true, false);
+    let body = l.tokenizer.encode(&text, false, false);
+    if body.len() < a.prompt {
+        bail!(
+            "{} has {} tokens, fewer than --prompt {}",
+            a.file.display(),
+            body.len(),
+            a.prompt
+        );
+    }
+    prompt.extend_from_slice(&body[..a.prompt]);
+    let t0 = Instant::now();
+    eprintln!(
+        "eval budget: {} prompt tokens, {} generated, {} sessions in one batch",
+        prompt.len(),
+        a.gen,
+        variants.len() + 1
+    );
+    let traces = h.budget_fidelity(&prompt, a.gen, &variants)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let md = report::budget_markdown(&traces, a.segment);
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let p = dir.join("budget.csv");
+        std::fs::write(&p, report::budget_csv(&traces))
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        let name = l
+            .path
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        let plots = report::budget_plots(&traces, a.segment, dir, &name)?;
+        eprintln!(
+            "wrote budget.csv, {} in {}",
+            plots.join(", "),
+            dir.display()
+        );
+    }
+    match a.common.output.as_str() {
+        "csv" => print!("{}", report::budget_csv(&traces)),
+        _ => println!("{md}"),
+    }
+    eprintln!("eval budget: {:.1} min", secs / 60.0);
+    Ok(())
 }
 
 fn sweep(a: SweepArgs) -> Result<()> {

@@ -413,6 +413,7 @@ impl Command {
                 eval::EvalCommand::Kld(e) => e.common.model.threads,
                 eval::EvalCommand::Niah(e) => e.common.model.threads,
                 eval::EvalCommand::Sweep(e) => e.common.model.threads,
+                eval::EvalCommand::Budget(e) => e.common.model.threads,
             },
             Command::TrainGates(a) => a.model.threads,
             Command::Serve(a) => a.model.threads,

@@ -213,6 +213,14 @@ impl<'m> Harness<'m> {
         })
     }
 
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    pub fn tokenizer(&self) -> &'m Tokenizer {
+        self.tokenizer
+    }
+
     /// Whether questions are framed with the model's chat template (else plain text).
     pub fn uses_chat_template(&self) -> bool {
         self.format.chat

@@ -3,6 +3,7 @@
 //! measures what eviction costs against the full cache on the same model:
 //! fidelity of next-token distributions ([`fidelity`]) and RULER-style retrieval
 //! tasks ([`tasks`]), run by [`harness`] and reported by [`report`].
+pub mod budget;
 pub mod fidelity;
 pub mod harness;
 mod perplexity;

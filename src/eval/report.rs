@@ -6,6 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+use super::budget::BudgetTrace;
 use super::fidelity::{summarize, wilson, Summary};
 use super::harness::{Answer, Continuation};
 use super::tasks::TaskKind;
@@ -812,6 +813,206 @@ fn draw_by_length(
             .position(SeriesLabelPosition::UpperLeft)
             .draw()?;
     }
+    root.present()?;
+    Ok(())
+}
+
+/// The name of a budget trace's session.
+fn session_name(t: &BudgetTrace) -> String {
+    t.variant
+        .map_or_else(|| "full".to_string(), |v| v.to_string())
+}
+
+/// Per trace, the mean of `f` over each segment of `segment` generated tokens.
+fn segment_means(t: &BudgetTrace, segment: usize, f: impl Fn(usize) -> f64) -> Vec<f64> {
+    (0..t.tokens.len())
+        .step_by(segment)
+        .map(|a| {
+            let b = (a + segment).min(t.tokens.len());
+            (a..b).map(&f).sum::<f64>() / (b - a) as f64
+        })
+        .collect()
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// Markdown tables of a budget run: per session the mean KLD and top-1 agreement
+/// (95% intervals over segments of `segment` tokens) and the KV memory it held; then
+/// the KLD and the KV memory segment by segment.
+pub fn budget_markdown(traces: &[BudgetTrace], segment: usize) -> String {
+    let mut out = String::from(
+        "| session | mean KLD (nats/token) | top-1 agreement | KV MiB after the first segment | KV MiB at most after it | KV MiB at the end |\n|---|---|---|---|---|---|\n",
+    );
+    for t in traces {
+        let kld = summarize(&segment_means(t, segment, |i| t.tokens[i].kld));
+        let top1 = summarize(&segment_means(t, segment, |i| {
+            f64::from(u8::from(t.tokens[i].same_top1))
+        }));
+        let first = segment.min(t.kv_bytes.len()).saturating_sub(1);
+        let after = t.kv_bytes[first..].iter().copied().max().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "| {} | {:.4} ± {:.4} | {:.3} ± {:.3} | {:.2} | {:.2} | {:.2} |",
+            session_name(t),
+            kld.mean,
+            kld.ci95,
+            top1.mean,
+            top1.ci95,
+            t.kv_bytes.get(first).copied().unwrap_or(0) as f64 / MIB,
+            after as f64 / MIB,
+            t.kv_bytes.last().copied().unwrap_or(0) as f64 / MIB,
+        );
+    }
+    let n = traces.first().map_or(0, |t| t.tokens.len());
+    let header = |what: &str| {
+        let mut h = format!("\n{what}\n\n| session |");
+        for a in (0..n).step_by(segment) {
+            let _ = write!(h, " {}-{} |", a + 1, (a + segment).min(n));
+        }
+        h.push_str("\n|---|");
+        h.push_str(&"---|".repeat(n.div_ceil(segment)));
+        h.push('\n');
+        h
+    };
+    out.push_str(&header("Mean KLD per segment of generated tokens:"));
+    for t in traces.iter().filter(|t| t.variant.is_some()) {
+        let _ = write!(out, "| {} |", session_name(t));
+        for m in segment_means(t, segment, |i| t.tokens[i].kld) {
+            let _ = write!(out, " {m:.4} |");
+        }
+        out.push('\n');
+    }
+    out.push_str(&header("KV MiB held at the end of each segment:"));
+    for t in traces {
+        let _ = write!(out, "| {} |", session_name(t));
+        for b in t.kv_bytes.chunks(segment) {
+            let _ = write!(out, " {:.2} |", *b.last().unwrap_or(&0) as f64 / MIB);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Every generated token of every session: its comparison and the KV bytes held.
+pub fn budget_csv(traces: &[BudgetTrace]) -> String {
+    let mut out = String::from("session,token,kld,same_top1,delta_nll,kv_bytes\n");
+    for t in traces {
+        let name = session_name(t);
+        for (i, (f, b)) in t.tokens.iter().zip(&t.kv_bytes).enumerate() {
+            let _ = writeln!(
+                out,
+                "{name},{},{:.6},{},{:.6},{b}",
+                i + 1,
+                f.kld,
+                u8::from(f.same_top1),
+                f.delta_nll
+            );
+        }
+    }
+    out
+}
+
+/// `budget_kv.png` (KV MiB held against generated tokens, every session) and
+/// `budget_kld.png` (mean KLD per segment, the budgeted sessions) in `dir`.
+pub fn budget_plots(
+    traces: &[BudgetTrace],
+    segment: usize,
+    dir: &Path,
+    title: &str,
+) -> Result<Vec<String>, PlotError> {
+    register_font();
+    let n = traces.first().map_or(0, |t| t.tokens.len()) as f64;
+    let kv: Vec<(String, Vec<(f64, f64)>)> = traces
+        .iter()
+        .map(|t| {
+            let pts = t
+                .kv_bytes
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| ((i + 1) as f64, b as f64 / MIB))
+                .collect();
+            (session_name(t), pts)
+        })
+        .collect();
+    let kld: Vec<(String, Vec<(f64, f64)>)> = traces
+        .iter()
+        .filter(|t| t.variant.is_some())
+        .map(|t| {
+            let pts = segment_means(t, segment, |i| t.tokens[i].kld)
+                .into_iter()
+                .enumerate()
+                .map(|(s, m)| (((s * segment) as f64 + segment as f64 / 2.0).min(n), m))
+                .collect();
+            (session_name(t), pts)
+        })
+        .collect();
+    let mut written = Vec::new();
+    for (file, caption, y_desc, lines) in [
+        (
+            "budget_kv.png",
+            "KV cache held while generating",
+            "KV MiB",
+            &kv,
+        ),
+        (
+            "budget_kld.png",
+            "KLD vs the full cache, per segment of generated tokens",
+            "mean KLD (nats/token)",
+            &kld,
+        ),
+    ] {
+        let path = dir.join(file);
+        draw_lines(&path, &format!("{title}: {caption}"), y_desc, n, lines)
+            .map_err(|e| plot_error(&path, e))?;
+        written.push(file.to_string());
+    }
+    Ok(written)
+}
+
+/// Lines of (generated tokens, value), one per session.
+fn draw_lines(
+    path: &Path,
+    caption: &str,
+    y_desc: &str,
+    x_max: f64,
+    lines: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let y_max = lines
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|&(_, y)| y))
+        .fold(0.0f64, f64::max)
+        .max(1e-6)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0f64..x_max.max(1.0), 0.0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("generated tokens")
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (i, (name, pts)) in lines.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
     root.present()?;
     Ok(())
 }
