@@ -6,6 +6,8 @@
 //! prompt and generated tokens, and the process's peak resident set size.
 //!
 //! Usage: `llama_cpp_run MODEL CTX FILE N_PREDICT THREADS`
+use std::time::Instant;
+
 use anyhow::{anyhow, bail, Context, Result};
 use ggml_sys::reference::{RefContext, RefContextParams, RefModel};
 
@@ -34,14 +36,33 @@ fn main() -> Result<()> {
         flash_attn: true,
     };
     let mut ctx = RefContext::new(&model, params).map_err(|e| anyhow!(e))?;
-    let generated = ctx
-        .generate_greedy(&prompt, n_predict)
-        .map_err(|e| anyhow!(e))?;
+    let t = Instant::now();
+    let mut logits = ctx.eval(&prompt, false).map_err(|e| anyhow!(e))?;
+    let prompt_s = t.elapsed().as_secs_f64();
+    // Greedy decoding, timed as `fastkv run` times it: the steps that run a token.
+    let (mut n_gen, mut decoded, mut gen_s) = (0usize, 0usize, 0f64);
+    while n_gen < n_predict {
+        let next = fastkv::kernels::argmax(&logits) as i32;
+        if model.is_eog(next) {
+            break;
+        }
+        n_gen += 1;
+        if n_gen == n_predict {
+            break;
+        }
+        let t = Instant::now();
+        logits = ctx.eval(&[next], false).map_err(|e| anyhow!(e))?;
+        gen_s += t.elapsed().as_secs_f64();
+        decoded += 1;
+    }
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     println!(
         "{}",
         serde_json::json!({
             "n_prompt": prompt.len(),
-            "n_gen": generated.len(),
+            "n_gen": n_gen,
+            "prompt_tps": rate(prompt.len(), prompt_s),
+            "gen_tps": rate(decoded, gen_s),
             "peak_rss_bytes": fastkv::cli::peak_rss_bytes(),
         })
     );

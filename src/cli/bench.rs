@@ -264,13 +264,14 @@ fn llama_run(ctx: &mut RefContext, tokens: &TokenSource, test: &TestSpec) -> Res
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// The untimed warm-up llama-bench does before a test: the prompt once, or one
-/// generation step (page faults of the weights, thread start-up, allocations).
+/// The untimed warm-up llama-bench does before a test: the prompt once (at most one
+/// micro-batch of it: that already touches every weight and starts the threads, and
+/// a long prompt would double the test's time), or one generation step.
 fn warm_up(test: &TestSpec) -> TestSpec {
     TestSpec {
         n_depth: 0,
         n_gen: test.n_gen.min(1),
-        ..*test
+        n_prompt: test.n_prompt.min(UBATCH),
     }
 }
 

@@ -80,6 +80,26 @@ pub fn tile_accumulate(o: &mut [f32], w: &[f32], vt: &[f32]) {
     tile_accumulate_portable(o, w, vt);
 }
 
+/// [`tile_accumulate`] for two queries with weights over the same keys: the value
+/// rows are read once for both. Each output is computed exactly as alone.
+pub fn tile_accumulate2(o0: &mut [f32], o1: &mut [f32], w0: &[f32], w1: &[f32], vt: &[f32]) {
+    let dv = o0.len();
+    assert!(o1.len() == dv && w0.len() == w1.len() && vt.len() >= w0.len() * dv);
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if dv.is_multiple_of(32) {
+        // SAFETY: vt holds w0.len() rows of dv values, both outputs hold dv values
+        // (asserted) and dv is a multiple of 32, the kernel's step.
+        unsafe { avx2::tile_accumulate2(o0, o1, w0, w1, vt) };
+        return;
+    }
+    tile_accumulate_portable(o0, w0, vt);
+    tile_accumulate_portable(o1, w1, vt);
+}
+
 /// [`tile_accumulate`] as plain loops.
 fn tile_accumulate_portable(o: &mut [f32], w: &[f32], vt: &[f32]) {
     let dv = o.len();
@@ -167,6 +187,45 @@ mod avx2 {
             }
         }
     }
+
+    /// See [`super::tile_accumulate2`]; the caller checks the sizes and that the
+    /// outputs' length is a multiple of 32.
+    pub(super) unsafe fn tile_accumulate2(
+        o0: &mut [f32],
+        o1: &mut [f32],
+        w0: &[f32],
+        w1: &[f32],
+        vt: &[f32],
+    ) {
+        let dv = o0.len();
+        let (p0, p1, vp) = (o0.as_mut_ptr(), o1.as_mut_ptr(), vt.as_ptr());
+        for x0 in (0..dv).step_by(32) {
+            // SAFETY (all loads and stores): x0 + 32 <= dv, and row c < w0.len() of
+            // vt holds dv values.
+            let mut a: [__m256; 8] = std::array::from_fn(|j| {
+                let p = if j < 4 { p0 } else { p1 };
+                _mm256_loadu_ps(p.add(x0 + 8 * (j % 4)))
+            });
+            for (c, (&wa, &wb)) in w0.iter().zip(w1).enumerate() {
+                let (b0, b1) = (_mm256_set1_ps(wa), _mm256_set1_ps(wb));
+                let v = vp.add(c * dv + x0);
+                let vs = [
+                    _mm256_loadu_ps(v),
+                    _mm256_loadu_ps(v.add(8)),
+                    _mm256_loadu_ps(v.add(16)),
+                    _mm256_loadu_ps(v.add(24)),
+                ];
+                for j in 0..4 {
+                    a[j] = _mm256_fmadd_ps(b0, vs[j], a[j]);
+                    a[4 + j] = _mm256_fmadd_ps(b1, vs[j], a[4 + j]);
+                }
+            }
+            for (j, acc) in a.iter().enumerate() {
+                let p = if j < 4 { p0 } else { p1 };
+                _mm256_storeu_ps(p.add(x0 + 8 * (j % 4)), *acc);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -197,6 +256,13 @@ mod tests {
             tile_accumulate(&mut a, &w, &vt);
             tile_accumulate_portable(&mut b, &w, &vt);
             assert_eq!(a, b, "values, dv {dk}");
+            let w1: Vec<f32> = (0..37).map(|i| rnd(i + 19).abs()).collect();
+            let (mut c, mut d) = (b.clone(), b.iter().map(|x| x * 0.5).collect::<Vec<_>>());
+            let (mut e, mut f) = (c.clone(), d.clone());
+            tile_accumulate2(&mut c, &mut d, &w, &w1, &vt);
+            tile_accumulate_portable(&mut e, &w, &vt);
+            tile_accumulate_portable(&mut f, &w1, &vt);
+            assert_eq!((c, d), (e, f), "value pairs, dv {dk}");
         }
     }
 }

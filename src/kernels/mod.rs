@@ -16,7 +16,7 @@ mod tile;
 mod types;
 
 pub use attend::attend_one;
-pub use flash::{tile_accumulate, tile_scores, TILE};
+pub use flash::{tile_accumulate, tile_accumulate2, tile_scores, TILE};
 pub use gemm::{gemm, Mat};
 pub use ops::*;
 pub use types::GgmlType;

@@ -5,7 +5,8 @@ use half::{f16, slice::HalfFloatSliceExt};
 
 use super::{HeadKv, KvShape, LayerKv};
 use crate::kernels::{
-    attend_one, softmax_exp8, tile_accumulate, tile_scores, to_f16, TILE as KV_TILE,
+    attend_one, softmax_exp8, tile_accumulate, tile_accumulate2, tile_scores, to_f16,
+    TILE as KV_TILE,
 };
 /// Tokens whose queries share one pass over the keys.
 const Q_BLOCK: usize = 16;
@@ -212,7 +213,15 @@ impl QueryBlock {
         let active: Vec<usize> = (0..qs.len()).filter(|&i| sees(&self.ranges[i])).collect();
         let aq: Vec<&[f32]> = active.iter().map(|&i| qs[i]).collect();
         tile_scores(&aq, kt, dk, &mut self.scores[..aq.len() * KV_TILE]);
-        for (&i, scores) in active.iter().zip(self.scores.chunks_exact_mut(KV_TILE)) {
+        // The softmax step of every query that sees a key: (query, its row of
+        // scores, the tile columns it sees). Then the values, two queries at a time
+        // where they see the same columns (the heads of one token).
+        let mut live: Vec<(usize, usize, (usize, usize))> = Vec::with_capacity(active.len());
+        for (row, (&i, scores)) in active
+            .iter()
+            .zip(self.scores.chunks_exact_mut(KV_TILE))
+            .enumerate()
+        {
             let (start, end) = self.ranges[i];
             let (ca, cb) = (t0.max(start) - t0, (t0 + KV_TILE).min(end) - t0);
             let scores: &mut [f32; KV_TILE] = scores.try_into().expect("a tile of scores");
@@ -223,7 +232,6 @@ impl QueryBlock {
                     f32::NEG_INFINITY
                 };
             }
-            let o = &mut self.out[i * dv..(i + 1) * dv];
             let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             if tile_max == f32::NEG_INFINITY {
                 continue; // every visible key of the tile is masked
@@ -231,7 +239,9 @@ impl QueryBlock {
             let m_new = self.m[i].max(tile_max);
             if m_new > self.m[i] {
                 let ms = (self.m[i] - m_new).exp();
-                o.iter_mut().for_each(|v| *v *= ms);
+                self.out[i * dv..(i + 1) * dv]
+                    .iter_mut()
+                    .for_each(|v| *v *= ms);
                 self.sum[i] *= ms;
             }
             self.m[i] = m_new;
@@ -241,7 +251,32 @@ impl QueryBlock {
                 tile_sum += softmax_exp8(block, m_new) as f64;
             }
             self.sum[i] = (self.sum[i] as f64 + tile_sum) as f32;
-            tile_accumulate(o, &scores[ca..cb], &vt[ca * dv..cb * dv]);
+            live.push((i, row, (ca, cb)));
+        }
+        let mut k = 0;
+        while k < live.len() {
+            let (i, row, (ca, cb)) = live[k];
+            let w = &self.scores[row * KV_TILE..(row + 1) * KV_TILE];
+            let v = &vt[ca * dv..cb * dv];
+            match live.get(k + 1) {
+                Some(&(j, row1, cols)) if cols == (ca, cb) => {
+                    // i < j: the queries are in order.
+                    let (a, b) = self.out.split_at_mut(j * dv);
+                    let w1 = &self.scores[row1 * KV_TILE..(row1 + 1) * KV_TILE];
+                    tile_accumulate2(
+                        &mut a[i * dv..(i + 1) * dv],
+                        &mut b[..dv],
+                        &w[ca..cb],
+                        &w1[ca..cb],
+                        v,
+                    );
+                    k += 2;
+                }
+                _ => {
+                    tile_accumulate(&mut self.out[i * dv..(i + 1) * dv], &w[ca..cb], v);
+                    k += 1;
+                }
+            }
         }
     }
 
