@@ -3,7 +3,7 @@
 //! the needles' mean percentile and the share of their pairs a keep ratio keeps with
 //! one global threshold and with one threshold per list.
 //!
-//! cargo run --release --example needle_ranks -- MODEL.gguf TASK LENGTH [KEEP] [QUERIES] [HAYSTACK]
+//! cargo run --release --example needle_ranks -- MODEL.gguf TASK LENGTH [KEEP] [QUERIES] [HAYSTACK|-] [GATES]
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,20 +18,26 @@ use fastkv::tokenizer::{ChatTemplate, Tokenizer};
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 3 {
-        bail!("usage: needle_ranks MODEL.gguf TASK LENGTH [KEEP] [QUERIES] [HAYSTACK]");
+        bail!("usage: needle_ranks MODEL.gguf TASK LENGTH [KEEP] [QUERIES] [HAYSTACK|-] [GATES]");
     }
     let task: TaskKind = args[1].parse()?;
     let length: usize = args[2].parse()?;
     let keep: f64 = args.get(3).map_or(Ok(0.3), |k| k.parse())?;
     let queries: usize = args.get(4).map_or(Ok(8), |k| k.parse())?;
-    let haystack = args.get(5).map(std::fs::read_to_string).transpose()?;
+    let haystack = args
+        .get(5)
+        .filter(|h| *h != "-")
+        .map(std::fs::read_to_string)
+        .transpose()?;
     let model = Model::load(&args[0])?;
     let tok = Tokenizer::from_gguf(model.file())?;
     let template = ChatTemplate::from_gguf(model.file(), &tok).unwrap_or_else(ChatTemplate::plain);
-    let gates = Arc::new(Gates::load(
-        &find_gates(&model, Path::new(&args[0]))?,
-        &model,
-    )?);
+    let gates_path = match args.get(6) {
+        Some(p) => p.into(),
+        None => find_gates(&model, Path::new(&args[0]))?,
+    };
+    eprintln!("gates: {}", gates_path.display());
+    let gates = Arc::new(Gates::load(&gates_path, &model)?);
     let count = |s: &str| tok.encode(s, false, false).len();
     let mut g = Generator::new(&count, haystack.as_deref(), 42);
     let sample = g.sample(task, length - 160, 0, 1, queries)?;

@@ -50,20 +50,14 @@ fn at_keep_one_every_policy_scores_exactly_the_full_cache() {
     .unwrap();
     let mut variants: Vec<Variant> = POLICIES
         .iter()
-        .map(|&policy| Variant { policy, keep: 1.0 })
+        .map(|&policy| Variant::new(policy, 1.0))
         .collect();
     h.gates = shipped_gates(SMOLLM2, &model);
     if h.gates.is_some() {
-        variants.push(Variant {
-            policy: Policy::Gated,
-            keep: 1.0,
-        });
+        variants.push(Variant::new(Policy::Gated, 1.0));
     }
     // A variant that does evict, so that the comparison can fail.
-    let evicting = Variant {
-        policy: Policy::Streaming,
-        keep: 0.3,
-    };
+    let evicting = Variant::new(Policy::Streaming, 0.3);
     variants.push(evicting);
     let s = sample(&tok, 320);
     let doc = tok.encode(&s.context, false, false);
@@ -164,24 +158,12 @@ fn batched_answers_equal_answers_decoded_alone() {
     .unwrap();
     h.gates = shipped_gates(SMOLLM2, &model);
     let mut variants = vec![
-        Variant {
-            policy: Policy::Streaming,
-            keep: 0.3,
-        },
-        Variant {
-            policy: Policy::SnapKv,
-            keep: 0.5,
-        },
-        Variant {
-            policy: Policy::KvZip,
-            keep: 0.3,
-        },
+        Variant::new(Policy::Streaming, 0.3),
+        Variant::new(Policy::SnapKv, 0.5),
+        Variant::new(Policy::KvZip, 0.3),
     ];
     if h.gates.is_some() {
-        variants.push(Variant {
-            policy: Policy::Gated,
-            keep: 0.2,
-        });
+        variants.push(Variant::new(Policy::Gated, 0.2));
     }
     let count = |s: &str| tok.encode(s, false, false).len();
     let mut g = Generator::new(&count, None, 5);

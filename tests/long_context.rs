@@ -145,7 +145,7 @@ fn chunked_and_oneshot_evals_agree_on_one_chunk() {
         Policy::Random,
     ]
     .into_iter()
-    .flat_map(|policy| [0.5, 0.2].map(|keep| Variant { policy, keep }))
+    .flat_map(|policy| [0.5, 0.2].map(|keep| Variant::new(policy, keep)))
     .collect();
     let count = |s: &str| tok.encode(s, false, false).len();
     let mut g = fastkv::eval::tasks::Generator::new(&count, None, 3);

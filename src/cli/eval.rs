@@ -86,6 +86,10 @@ pub struct CommonArgs {
     /// Selection level for every policy: global, layer, head [default: each policy's].
     #[arg(long = "kv-level")]
     pub level: Option<String>,
+    /// Recent context tokens every policy keeps whole [default: 2% of the context, at
+    /// most 4096].
+    #[arg(long = "kv-window")]
+    pub window: Option<usize>,
     /// Seed of the task generators and of the random policy.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -248,7 +252,7 @@ fn budget(a: BudgetArgs) -> Result<()> {
         &l,
         &policies
             .iter()
-            .map(|&policy| Variant { policy, keep: 1.0 })
+            .map(|&policy| Variant::new(policy, 1.0))
             .collect::<Vec<_>>(),
     )?;
     let text = std::fs::read_to_string(&a.file)
@@ -394,7 +398,7 @@ fn setup(c: &CommonArgs, keeps: &[f64]) -> Result<(Loaded, Vec<Variant>)> {
     };
     let variants = policies
         .iter()
-        .flat_map(|&policy| keeps.iter().map(move |&keep| Variant { policy, keep }))
+        .flat_map(|&policy| keeps.iter().map(move |&keep| Variant::new(policy, keep)))
         .collect();
     Ok((l, variants))
 }
@@ -416,6 +420,7 @@ fn harness<'m>(c: &CommonArgs, l: &'m Loaded, variants: &[Variant]) -> Result<Ha
     let mut h = Harness::new(&l.model, &l.tokenizer, &template, Some(&c.system))?;
     h.schedule = c.schedule.parse()?;
     h.level = c.level.as_deref().map(str::parse).transpose()?;
+    h.window = c.window;
     h.seed = c.seed;
     let wants_gates = variants.iter().any(|v| v.policy == Policy::Gated);
     if wants_gates {

@@ -72,19 +72,43 @@ impl fmt::Display for Schedule {
 pub struct Variant {
     pub policy: Policy,
     pub keep: f64,
+    /// Selection level (None: the harness's, else the policy's default).
+    pub level: Option<Level>,
+    /// Recent window kept whole (None: the harness's, else 2% of the context).
+    pub window: Option<usize>,
 }
 
 impl Variant {
     /// The full cache: the reference every variant is compared with.
-    pub const FULL: Variant = Variant {
-        policy: Policy::Full,
-        keep: 1.0,
-    };
+    pub const FULL: Variant = Variant::new(Policy::Full, 1.0);
+
+    /// A policy at a keep ratio, with the harness's level and window.
+    pub const fn new(policy: Policy, keep: f64) -> Self {
+        Self {
+            policy,
+            keep,
+            level: None,
+            window: None,
+        }
+    }
+
+    /// The policy's name, with the level and window where this variant sets them
+    /// (`gated`, `gated/layer`, `gated/w1024`): a line of the report's tables.
+    pub fn label(&self) -> String {
+        let mut s = self.policy.to_string();
+        if let Some(l) = self.level {
+            s += &format!("/{l}");
+        }
+        if let Some(w) = self.window {
+            s += &format!("/w{w}");
+        }
+        s
+    }
 }
 
 impl fmt::Display for Variant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.policy, self.keep)
+        write!(f, "{}@{}", self.label(), self.keep)
     }
 }
 
@@ -181,6 +205,8 @@ pub struct Harness<'m> {
     pub schedule: Schedule,
     /// Selection level for every policy (None: each policy's default).
     pub level: Option<Level>,
+    /// Recent window of every policy (None: 2% of the context, at most 4096).
+    pub window: Option<usize>,
     /// Seed of the random policy.
     pub seed: u64,
     /// Context size of the sessions.
@@ -206,6 +232,7 @@ impl<'m> Harness<'m> {
             teacher: TeacherPrompt::new(tokenizer, template)?,
             schedule: Schedule::OneShot,
             level: None,
+            window: None,
             seed: 0,
             n_ctx: model.config.n_ctx_train,
             gates: None,
@@ -252,9 +279,10 @@ impl<'m> Harness<'m> {
 
     fn config(&self, v: Variant) -> EvictionConfig {
         let mut cfg = EvictionConfig::new(v.policy, v.keep);
-        if let Some(level) = self.level {
+        if let Some(level) = v.level.or(self.level) {
             cfg.level = level;
         }
+        cfg.window = v.window.or(self.window);
         cfg.seed = self.seed;
         cfg
     }

@@ -139,7 +139,7 @@ impl Results {
                 rows.push(Row {
                     task: task.name(),
                     length,
-                    policy: v.policy.to_string(),
+                    policy: v.label(),
                     keep: v.keep,
                     n: scores.len(),
                     accuracy: Some(summarize(&scores)),
@@ -170,7 +170,7 @@ impl Results {
                 rows.push(Row {
                     task: CONTINUATION,
                     length,
-                    policy: v.policy.to_string(),
+                    policy: v.label(),
                     keep: v.keep,
                     n: of_v.len(),
                     accuracy: None,
@@ -1041,7 +1041,7 @@ mod tests {
         scores
             .iter()
             .map(|&score| Answer {
-                variant: Variant { policy, keep },
+                variant: Variant::new(policy, keep),
                 query: 0,
                 score,
                 text: String::new(),
