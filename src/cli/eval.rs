@@ -86,8 +86,8 @@ pub struct CommonArgs {
     /// Selection level for every policy: global, layer, head [default: each policy's].
     #[arg(long = "kv-level")]
     pub level: Option<String>,
-    /// Recent context tokens every policy keeps whole [default: 2% of the context, at
-    /// most 4096].
+    /// Recent context tokens every policy keeps whole [default: 4096 for a context of
+    /// 16000 tokens or more, else 2% of it].
     #[arg(long = "kv-window")]
     pub window: Option<usize>,
     /// Seed of the task generators and of the random policy.

@@ -91,7 +91,8 @@ pub struct KvArgs {
     /// Decode budget: KV pairs per (layer, KV head) on average; evicts every 128 tokens.
     #[arg(long = "kv-budget")]
     pub budget: Option<usize>,
-    /// Recent tokens of a context kept whole [default: 2% of the context, at most 4096].
+    /// Recent tokens of a context kept whole [default: 4096 for a context of 16000
+    /// tokens or more, else 2% of it].
     #[arg(long = "kv-window")]
     pub window: Option<usize>,
     /// Where the keep ratio applies: global (one threshold, non-uniform heads), layer, head

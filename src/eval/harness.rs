@@ -74,7 +74,7 @@ pub struct Variant {
     pub keep: f64,
     /// Selection level (None: the harness's, else the policy's default).
     pub level: Option<Level>,
-    /// Recent window kept whole (None: the harness's, else 2% of the context).
+    /// Recent window kept whole (None: the harness's, else the runtime's default).
     pub window: Option<usize>,
 }
 
@@ -205,7 +205,8 @@ pub struct Harness<'m> {
     pub schedule: Schedule,
     /// Selection level for every policy (None: each policy's default).
     pub level: Option<Level>,
-    /// Recent window of every policy (None: 2% of the context, at most 4096).
+    /// Recent window of every policy (None: the runtime's default, 4096 tokens for a
+    /// context of 16000 or more, else 2% of it).
     pub window: Option<usize>,
     /// Seed of the random policy.
     pub seed: u64,

@@ -31,8 +31,11 @@ const KVZIP_QUOTE: usize = 8;
 const BUDGET_PERIOD: usize = 128;
 /// ...and never touches the most recent this many.
 const BUDGET_RECENT: usize = 128;
-/// The prefill window, when not given: 2% of the context, at most 4096.
-const MAX_DEFAULT_WINDOW: usize = 4096;
+/// The recent window, when not given, as the Fast KVzip reference code sizes it:
+/// [`LONG_WINDOW`] tokens for a context of at least [`LONG_CONTEXT`] tokens (its
+/// prefill chunk), and 2% of a shorter context.
+const LONG_WINDOW: usize = 4096;
+const LONG_CONTEXT: usize = 16_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -66,7 +69,8 @@ pub struct EvictionConfig {
     /// Fraction of a compressed context's pairs to keep, in (0, 1].
     pub keep: f64,
     pub level: Level,
-    /// Recent window W of context compression; None = 2% of the context, at most 4096.
+    /// Recent window W of context compression; None = 4096 tokens for a context of at
+    /// least 16000, else 2% of the context.
     pub window: Option<usize>,
     /// Decode budget: pairs per (layer, KV head) list on average; None = no budget.
     pub budget: Option<usize>,
@@ -137,7 +141,11 @@ impl EvictionConfig {
         }
         let w = self
             .window
-            .unwrap_or((n / 50).min(MAX_DEFAULT_WINDOW))
+            .unwrap_or(if n >= LONG_CONTEXT {
+                LONG_WINDOW
+            } else {
+                n / 50
+            })
             .min(target);
         let r = if n > w {
             (self.keep * n as f64 - w as f64) / (n - w) as f64
@@ -816,5 +824,36 @@ fn last_logits(i: usize, n: usize) -> Logits {
         Logits::Last
     } else {
         Logits::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The recent window as the Fast KVzip reference sizes it: 2% of a short context,
+    /// 4096 tokens from 16000 on, never more than what is kept; the ratio outside
+    /// it leaves r*n pairs in all.
+    #[test]
+    fn window_plan_follows_the_reference() {
+        let cfg = |keep| EvictionConfig::new(Policy::Gated, keep);
+        assert_eq!(cfg(0.3).window_plan(1000).0, 20);
+        assert_eq!(cfg(0.3).window_plan(15_999).0, 319);
+        let (w, r) = cfg(0.3).window_plan(32_768);
+        assert_eq!(w, 4096);
+        let kept = w as f64 + r * (32_768 - w) as f64;
+        assert!((kept - 0.3 * 32_768.0).abs() < 1e-6, "{kept}");
+        // A window larger than what is kept is cut to it.
+        assert_eq!(cfg(0.1).window_plan(20_000), (2000, 0.0));
+        // Given, it is used as is; StreamingLLM keeps one window of r*n.
+        let given = EvictionConfig {
+            window: Some(100),
+            ..cfg(0.5)
+        };
+        assert_eq!(given.window_plan(1000).0, 100);
+        assert_eq!(
+            EvictionConfig::new(Policy::Streaming, 0.3).window_plan(20_000),
+            (6000, 0.0)
+        );
     }
 }
