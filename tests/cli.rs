@@ -434,6 +434,53 @@ fn run_compresses_a_context_file() {
     assert!(json["compression"]["n_context"].as_u64().unwrap() > 1000);
 }
 
+/// A long prompt (`-f`) under a keep ratio is compressed as it arrives, as a context
+/// file is, and generation continues after it.
+#[test]
+fn run_compresses_a_long_prompt() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let doc = document(dir.path());
+    let stats = dir.path().join("stats.json");
+    let out = fastkv(
+        &[
+            "run",
+            "-m",
+            path.to_str().unwrap(),
+            "-f",
+            doc.to_str().unwrap(),
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "--kv-policy",
+            "h2o",
+            "--kv-keep",
+            "0.3",
+            "--no-display-prompt",
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
+        None,
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(
+        err.contains("context:") && err.contains("h2o, keep 0.3"),
+        "{err}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let (held, full) = (
+        json["kv_bytes"].as_u64().unwrap(),
+        json["kv_bytes_full"].as_u64().unwrap(),
+    );
+    assert!(held * 2 < full, "held {held} of {full}");
+    assert!(json["compression"]["n_context"].as_u64().unwrap() > 1000);
+    assert_eq!(json["n_gen"], 8);
+    assert!(!text(&out.stdout).trim().is_empty());
+}
+
 /// A compressed context saved once answers later runs; files for another model, or
 /// damaged ones, are refused with a message.
 #[test]

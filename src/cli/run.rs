@@ -131,6 +131,23 @@ pub fn run(a: RunArgs) -> Result<()> {
             session.n_ctx()
         );
     }
+    let compressing = session.eviction().is_active() && session.eviction().keep < 1.0;
+    if compression.is_none() && session.tokens().is_empty() && compressing {
+        // A prompt under a keep ratio is compressed as it arrives, as a context file
+        // is (its end stays whole in the recent window); generation then continues
+        // from its last token.
+        let bos = l.tokenizer.bos().filter(|_| l.tokenizer.add_bos());
+        let n_prefix = usize::from(bos.is_some() && tokens.first() == bos.as_ref());
+        let mut bar = PrefillBar::new("prompt");
+        let (_, report) = session.feed_context_with_progress(
+            &tokens[..n_prefix],
+            &tokens[n_prefix..],
+            &mut |done, n| bar.update(done, n),
+        )?;
+        bar.finish();
+        print_compression(&report, session.eviction());
+        compression = Some(report);
+    }
     let mut out = std::io::stdout().lock();
     if !a.no_display_prompt {
         write!(out, "{prompt}")?;
