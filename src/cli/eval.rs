@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use super::{load_gates, note, progress, Loaded, ModelArgs};
 use crate::eval::budget::BudgetVariant;
 use crate::eval::harness::Answer;
-use crate::eval::report::{self, Results, Row};
+use crate::eval::report::{self, Results, Row, INFORMATIVE};
 use crate::eval::tasks::{Generator, TaskKind};
 use crate::eval::{Harness, Schedule, Variant};
 use crate::gate::find_gates;
@@ -148,6 +148,12 @@ pub struct TaskArgs {
     /// the prefill). Questions per task = --samples x --queries.
     #[arg(long, default_value_t = 1)]
     pub queries: usize,
+    /// Stop a task at a length once the full cache has answered this many of its
+    /// questions and fewer than half of them correctly (uninformative: eviction can
+    /// show no difference there); samples run in an order that spreads the first
+    /// ones over the depths. 0: never stop.
+    #[arg(long, default_value_t = 0)]
+    pub stop_uninformative: usize,
 }
 
 #[derive(Args, Debug)]
@@ -522,6 +528,7 @@ struct NiahSpec<'a> {
     lengths: &'a [usize],
     samples: usize,
     queries: usize,
+    stop_uninformative: usize,
     haystack: Option<&'a str>,
     seed: u64,
 }
@@ -546,6 +553,7 @@ impl<'a> NiahSpec<'a> {
             lengths,
             samples: t.samples,
             queries: t.queries,
+            stop_uninformative: t.stop_uninformative,
             haystack,
             seed,
         })
@@ -587,7 +595,23 @@ fn niah(
     let pb = progress((units * spec.samples) as u64, "samples");
     for &len in spec.lengths {
         for &task in &tasks {
-            for i in 0..spec.samples {
+            let (mut asked, mut right) = (0usize, 0.0f64);
+            for (k, i) in spread_order(spec.samples).into_iter().enumerate() {
+                if spec.stop_uninformative > 0
+                    && asked >= spec.stop_uninformative
+                    && right < asked as f64 * INFORMATIVE
+                {
+                    note(
+                        &pb,
+                        format!(
+                            "{task} @ {len}: the full cache answered {right:.1} of {asked} \
+                             questions; uninformative, the other {} samples are not run",
+                            spec.samples - k
+                        ),
+                    );
+                    pb.inc((spec.samples - k) as u64);
+                    break;
+                }
                 let t = Instant::now();
                 let sample =
                     generator.sample(task, len - RESERVE, i, spec.samples, spec.queries)?;
@@ -596,12 +620,16 @@ fn niah(
                     .iter()
                     .filter(|a| a.variant == Variant::FULL)
                     .collect();
+                asked += full.len();
+                right += full.iter().map(|a| a.score).sum::<f64>();
                 note(
                     &pb,
                     format!(
-                        "{task} @ {len}, sample {}/{}: {:.1} s, full cache {:.2} (first answer: {:?})",
-                        i + 1,
+                        "{task} @ {len}, sample {}/{} (depth slice {}): {:.1} s, full cache {:.2} \
+                         (first answer: {:?})",
+                        k + 1,
                         spec.samples,
+                        i + 1,
                         t.elapsed().as_secs_f64(),
                         full.iter().map(|a| a.score).sum::<f64>() / full.len().max(1) as f64,
                         full.first().map_or("", |a| a.text.as_str())
@@ -616,6 +644,21 @@ fn niah(
     Ok(())
 }
 
+/// The sample indices 0..n in an order whose every prefix spreads over the depths
+/// (sample i's questions sit in depth slice i): a stride coprime to n of about n/3.
+fn spread_order(n: usize) -> Vec<usize> {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let stride = (n.div_ceil(3).max(1)..=n.max(1))
+        .find(|&s| gcd(s, n) == 1)
+        .unwrap_or(1);
+    (0..n).map(|k| k * stride % n.max(1)).collect()
+}
+
 fn finish(c: &CommonArgs, rows: &[Row], t0: Instant) -> Result<()> {
     match c.output.as_str() {
         "json" => println!("{}", serde_json::to_string_pretty(rows)?),
@@ -624,4 +667,24 @@ fn finish(c: &CommonArgs, rows: &[Row], t0: Instant) -> Result<()> {
     }
     eprintln!("eval: {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_order_visits_every_sample_once_and_spreads_early() {
+        for n in [1, 2, 3, 8, 24, 25] {
+            let mut o = spread_order(n);
+            let first: Vec<usize> = o.iter().copied().take(n.div_ceil(3)).collect();
+            o.sort();
+            assert_eq!(o, (0..n).collect::<Vec<_>>(), "n = {n}");
+            if n >= 8 {
+                // The first third reaches into the last third of the depths.
+                assert!(first.iter().any(|&i| i >= 2 * n / 3), "n = {n}: {first:?}");
+            }
+        }
+        assert_eq!(&spread_order(24)[..4], &[0, 11, 22, 9]);
+    }
 }
