@@ -83,7 +83,7 @@ pub struct CommonArgs {
     /// runtime's chunked prefill, one prefill per variant).
     #[arg(long, default_value = "oneshot")]
     pub schedule: String,
-    /// Selection level for every policy: global, layer, head [default: each policy's].
+    /// Selection level for every policy: auto, global, layer, head [default: each policy's].
     #[arg(long = "kv-level")]
     pub level: Option<String>,
     /// Recent context tokens every policy keeps whole [default: 4096 for a context of

@@ -95,8 +95,9 @@ pub struct KvArgs {
     /// tokens or more, else 2% of it].
     #[arg(long = "kv-window")]
     pub window: Option<usize>,
-    /// Where the keep ratio applies: global (one threshold, non-uniform heads), layer, head
-    /// [default: head for snapkv, else global].
+    /// Where the keep ratio applies: global (one threshold, non-uniform heads), layer,
+    /// head, auto (global, or layer where fewer than 8 layers are evicted)
+    /// [default: head for snapkv, auto for gated and kvzip, else global].
     #[arg(long = "kv-level")]
     pub level: Option<String>,
     /// Tokens per prefill step; eviction runs after each.

@@ -23,7 +23,7 @@ pub enum PolicyError {
         "unknown KV policy '{0}' (choose one of: full, streaming, h2o, snapkv, kvzip, gated, random)"
     )]
     UnknownPolicy(String),
-    #[error("unknown KV selection level '{0}' (choose one of: global, layer, head)")]
+    #[error("unknown KV selection level '{0}' (choose one of: auto, global, layer, head)")]
     UnknownLevel(String),
 }
 
@@ -72,10 +72,13 @@ impl Policy {
     }
 
     /// The selection level a policy uses unless told otherwise: SnapKV keeps a top-k
-    /// per head, as its paper does; the others use one global threshold.
+    /// per head, as its paper does; the gates and their teacher one global threshold,
+    /// or one per layer where a model evicts few layers ([`Level::Auto`]); the others
+    /// one global threshold.
     pub fn default_level(self) -> Level {
         match self {
             Policy::SnapKv => Level::Head,
+            Policy::Gated | Policy::KvZip => Level::Auto,
             _ => Level::Global,
         }
     }
@@ -130,9 +133,20 @@ impl FromStr for Policy {
     }
 }
 
+/// Evictable layers below which [`Level::Auto`] selects per layer.
+pub const AUTO_LAYER_BELOW: usize = 8;
+
 /// Over which candidates one keep ratio is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    /// [`Level::Global`], or [`Level::Layer`] when the candidates come from fewer than
+    /// [`AUTO_LAYER_BELOW`] layers. One threshold compares scores across layers, which
+    /// needs them on one scale. Learned or attention scores shift from layer to layer
+    /// with the text (on repetitive text a copying layer's scores fall), and with
+    /// many layers the global threshold still finds the lists that matter; with a
+    /// few (Gemma 3's three global layers) one layer's shift decides what the others
+    /// keep: at 8k tokens one threshold left layer 17 none of its pairs.
+    Auto,
     /// One threshold over all layers and heads: lists get non-uniform lengths.
     Global,
     /// One threshold per layer.
@@ -145,6 +159,7 @@ impl FromStr for Level {
     type Err = PolicyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Level::Auto),
             "global" => Ok(Level::Global),
             "layer" => Ok(Level::Layer),
             "head" => Ok(Level::Head),
@@ -156,6 +171,7 @@ impl FromStr for Level {
 impl fmt::Display for Level {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Level::Auto => "auto",
             Level::Global => "global",
             Level::Layer => "layer",
             Level::Head => "head",
@@ -179,8 +195,21 @@ pub struct Candidate {
 /// to the nearest count. Ties go to the more recent token. Returns one flag per
 /// candidate.
 pub fn select(cands: &[Candidate], keep: f64, level: Level) -> Vec<bool> {
+    let level = match level {
+        Level::Auto => {
+            let mut layers: Vec<usize> = cands.iter().map(|c| c.layer).collect();
+            layers.sort_unstable();
+            layers.dedup();
+            if layers.len() < AUTO_LAYER_BELOW {
+                Level::Layer
+            } else {
+                Level::Global
+            }
+        }
+        l => l,
+    };
     let group = |c: &Candidate| match level {
-        Level::Global => (0, 0),
+        Level::Global | Level::Auto => (0, 0),
         Level::Layer => (c.layer, 0),
         Level::Head => (c.layer, c.head),
     };
@@ -298,6 +327,30 @@ mod tests {
         };
         // Layer 0 keeps 2 of 8; layer 1 keeps 4 of 16, all from its better head.
         assert_eq!((kept(0, 0), kept(1, 0), kept(1, 1)), (2, 0, 4));
+    }
+
+    #[test]
+    fn auto_level_is_per_layer_for_few_layers() {
+        // Layer 0 holds the high scores: one threshold would empty layer 1.
+        let few: Vec<Candidate> = (0..3)
+            .flat_map(|l| (0..10).map(move |j| cand(l, 0, j, (10 - l) as f32 + j as f32 * 0.01)))
+            .collect();
+        assert_eq!(
+            select(&few, 0.3, Level::Auto),
+            select(&few, 0.3, Level::Layer)
+        );
+        assert_ne!(
+            select(&few, 0.3, Level::Auto),
+            select(&few, 0.3, Level::Global)
+        );
+        let many: Vec<Candidate> = (0..AUTO_LAYER_BELOW)
+            .flat_map(|l| (0..10).map(move |j| cand(l, 0, j, (10 - l) as f32 + j as f32 * 0.01)))
+            .collect();
+        assert_eq!(
+            select(&many, 0.3, Level::Auto),
+            select(&many, 0.3, Level::Global)
+        );
+        assert_eq!("auto".parse::<Level>(), Ok(Level::Auto));
     }
 
     #[test]
