@@ -152,11 +152,79 @@ pub fn softmax_exp(x: f32) -> f32 {
 /// `y[i] = exp(x[i] - max)` for a block of 8 values, returning their sum reduced in
 /// the order of ggml's AVX2 softmax: ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)).
 pub fn softmax_exp8(x: &mut [f32; 8], max: f32) -> f32 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        // SAFETY: the target supports AVX2 and FMA (checked at compile time), and x
+        // holds the 8 values the kernel loads and stores.
+        unsafe { exp8_avx2(x, max) };
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
     for v in x.iter_mut() {
         *v = softmax_exp(*v - max);
     }
     let a: [f32; 4] = std::array::from_fn(|i| x[i + 4] + x[i]);
     (a[0] + a[2]) + (a[1] + a[3])
+}
+
+/// `x[i] = softmax_exp(x[i] - max)` for 8 lanes at once: [`softmax_exp`]'s operations
+/// in its order, lane by lane, so the results are bit-identical. Lanes outside its
+/// main range (|n| > 126: far below the maximum, or -inf for masked keys) take the
+/// scalar path.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+unsafe fn exp8_avx2(x: &mut [f32; 8], max: f32) {
+    use std::arch::x86_64::*;
+    let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+    // SAFETY: x holds 8 f32 values.
+    let v = _mm256_sub_ps(_mm256_loadu_ps(x.as_ptr()), _mm256_set1_ps(max));
+    let r = c(0x4b40_0000);
+    let z = _mm256_fmadd_ps(v, c(0x3fb8_aa3b), r);
+    let n = _mm256_sub_ps(z, r);
+    let neg_n = _mm256_sub_ps(_mm256_setzero_ps(), n);
+    let b = _mm256_fmadd_ps(
+        neg_n,
+        c(0x35bf_be8e),
+        _mm256_fmadd_ps(neg_n, c(0x3f31_7200), v),
+    );
+    let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+    let k = _mm256_castsi256_ps(_mm256_add_epi32(
+        e,
+        _mm256_set1_epi32(1f32.to_bits() as i32),
+    ));
+    let u = _mm256_mul_ps(b, b);
+    let j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(
+            _mm256_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+            u,
+            _mm256_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+        ),
+        u,
+        _mm256_mul_ps(c(0x3f7f_fff6), b),
+    );
+    let out = _mm256_fmadd_ps(j, k, k);
+    // |n| <= 126 in every lane: the main path holds.
+    let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+    let outside = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(abs_n, _mm256_set1_ps(126.0)));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), out);
+    for (i, (o, l)) in x.iter_mut().zip(lanes).enumerate() {
+        *o = if outside & (1 << i) != 0 {
+            softmax_exp(*o - max)
+        } else {
+            l
+        };
+    }
 }
 
 /// Convert f32 to f16 (8 lanes at a time with F16C).
@@ -299,5 +367,42 @@ mod tests {
         let sum = softmax_exp8(&mut v, 0.0);
         assert!((sum - v.iter().sum::<f32>()).abs() < 1e-6);
         assert_eq!(v[0], 1.0);
+    }
+
+    /// The 8-lane exponential is bit for bit the scalar one, over the whole range
+    /// (main path, the lanes far below the maximum, -inf, overflow), lanes mixed.
+    #[test]
+    fn exp8_equals_the_scalar_exp_bit_for_bit() {
+        let mut seed = 1u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32
+        };
+        let specials = [
+            f32::NEG_INFINITY,
+            -150.0,
+            -130.0,
+            -87.5,
+            0.0,
+            88.0,
+            100.0,
+            1e-30,
+        ];
+        for round in 0..20_000 {
+            let max = if round % 3 == 0 {
+                0.0
+            } else {
+                next() * 40.0 - 20.0
+            };
+            let mut x: [f32; 8] = std::array::from_fn(|_| max - next() * 200.0);
+            if round % 5 == 0 {
+                x[round % 8] = specials[(round / 5) % specials.len()];
+            }
+            let want: Vec<u32> = x.iter().map(|&v| softmax_exp(v - max).to_bits()).collect();
+            let mut got = x;
+            softmax_exp8(&mut got, max);
+            let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "x {x:?}, max {max}");
+        }
     }
 }
