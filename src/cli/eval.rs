@@ -87,7 +87,7 @@ pub struct CommonArgs {
     #[arg(long = "kv-level")]
     pub level: Option<String>,
     /// Recent context tokens every policy keeps whole [default: 4096 for a context of
-    /// 16000 tokens or more, else 2% of it].
+    /// 16000 tokens or more, else 2% of it or a quarter of what is kept, the larger].
     #[arg(long = "kv-window")]
     pub window: Option<usize>,
     /// Seed of the task generators and of the random policy.

@@ -92,7 +92,7 @@ pub struct KvArgs {
     #[arg(long = "kv-budget")]
     pub budget: Option<usize>,
     /// Recent tokens of a context kept whole [default: 4096 for a context of 16000
-    /// tokens or more, else 2% of it].
+    /// tokens or more, else 2% of it or a quarter of what is kept, the larger].
     #[arg(long = "kv-window")]
     pub window: Option<usize>,
     /// Where the keep ratio applies: global (one threshold, non-uniform heads), layer,

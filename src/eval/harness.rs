@@ -205,8 +205,8 @@ pub struct Harness<'m> {
     pub schedule: Schedule,
     /// Selection level for every policy (None: each policy's default).
     pub level: Option<Level>,
-    /// Recent window of every policy (None: the runtime's default, 4096 tokens for a
-    /// context of 16000 or more, else 2% of it).
+    /// Recent window of every policy (None: the runtime's default, see
+    /// [`EvictionConfig::window`]).
     pub window: Option<usize>,
     /// Seed of the random policy.
     pub seed: u64,
