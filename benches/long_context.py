@@ -19,6 +19,7 @@ of it). Writes a markdown table to stdout, and with --out a JSON file and the pl
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,15 +32,21 @@ CALIBRATION_CHARS = 30000
 QUESTION = "\n\nIn one sentence, the text above is about"
 
 
+class RunFailed(Exception):
+    pass
+
+
 def run_fastkv(fastkv, model, ctx, doc, n_predict, threads, eviction):
     with tempfile.TemporaryDirectory() as tmp:
         stats = Path(tmp) / "stats.json"
-        subprocess.run(
+        r = subprocess.run(
             [str(fastkv), "run", "-m", model, "-c", str(ctx), "--context-file", str(doc),
              "-p", QUESTION, "-n", str(n_predict), "--temp", "0", "-t", str(threads),
              "--no-display-prompt", "--stats-json", str(stats), *eviction],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
+        if r.returncode != 0:
+            raise RunFailed(f"fastkv run -c {ctx} {' '.join(eviction)} failed:\n{r.stderr[-2000:]}")
         s = json.loads(stats.read_text())
     c = s["compression"]
     return {
@@ -137,10 +144,21 @@ def main() -> int:
             body += "\n\n" + text
         with tempfile.TemporaryDirectory() as tmp:
             doc = Path(tmp) / "doc.txt"
-            doc.write_text(body[:need])
             row = {"length": ctx}
-            row["fastkv full"] = run_fastkv(fastkv, a.model, ctx, doc, a.n_predict, a.threads,
-                                            ["--kv-policy", "full"])
+            # The rest of TEXT may have fewer characters per token than the calibration
+            # sample: a document too long for -c is refused before its prefill, with
+            # its token count, and is cut to fit.
+            while True:
+                doc.write_text(body[:need])
+                try:
+                    row["fastkv full"] = run_fastkv(fastkv, a.model, ctx, doc, a.n_predict,
+                                                    a.threads, ["--kv-policy", "full"])
+                    break
+                except RunFailed as e:
+                    m = re.search(r"the context file has (\d+) tokens", str(e))
+                    if not m:
+                        raise
+                    need = int(need * (ctx - a.n_predict - 64) / int(m.group(1)) * 0.99)
             row[evicted] = run_fastkv(fastkv, a.model, ctx, doc, a.n_predict, a.threads,
                                       ["--kv-policy", a.policy, "--kv-keep", a.keep])
             row["llama.cpp"] = run_llama(llama, a.model, ctx, doc, a.n_predict, a.threads)

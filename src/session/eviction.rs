@@ -326,6 +326,12 @@ impl Session<'_> {
                 }
                 let judge_to = self.cache.n_seen().saturating_sub(window);
                 self.judge(judge_to, keep_outside);
+                if cfg.mode == EvictMode::Compact {
+                    // A list that outgrew its room moved and left its old block to the
+                    // allocator; give such holes back now, or the peak memory of a long
+                    // prefill is the kept pairs plus every hole left on the way.
+                    release_freed_memory();
+                }
                 done(i, chunk);
             }
         } else {
