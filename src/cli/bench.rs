@@ -787,9 +787,13 @@ fn markdown(r: &Report) -> String {
     };
     let mut out = md_table(&header, &right, &rows);
     if compared {
+        let runs = if r.repetitions == 1 {
+            "one run each".to_string()
+        } else {
+            format!("medians of {} runs", r.repetitions)
+        };
         out += &format!(
-            "\nt/s: medians of {} runs, fastkv and {} alternating, n_ubatch {}",
-            r.repetitions,
+            "\nt/s: {runs}, fastkv and {} alternating, n_ubatch {}",
             names.join(" and "),
             r.n_ubatch
         );
