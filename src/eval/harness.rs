@@ -206,7 +206,7 @@ pub struct Harness<'m> {
     /// Selection level for every policy (None: each policy's default).
     pub level: Option<Level>,
     /// Recent window of every policy (None: the runtime's default, see
-    /// [`EvictionConfig::window`]).
+    /// [`crate::session::EvictionConfig::window`]).
     pub window: Option<usize>,
     /// Seed of the random policy.
     pub seed: u64,

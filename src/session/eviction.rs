@@ -37,7 +37,8 @@ const BUDGET_RECENT: usize = 128;
 /// quarter of what is kept. The reference's 2% was sized for contexts of 100k
 /// tokens; at 1k-16k it leaves the text just before the question to the gates, and
 /// a quarter of the budget halves the continuation's KLD on both reference models at
-/// 8k without losing a needle (docs/quality.md, "The schedule at length").
+/// 8k without losing a needle (docs/quality.md, "How the schedule was chosen at
+/// length").
 const LONG_WINDOW: usize = 4096;
 const LONG_CONTEXT: usize = 16_000;
 
