@@ -377,4 +377,18 @@ fn buffered_decode_scores_equal_prefill_scores() {
         assert!(ha.score.iter().all(|&x| x > 0.0 && x < 1.0));
         assert!(hb.score[256..].iter().all(|&x| x == 0.0));
     }
+
+    // A call of 32 tokens or more is scored at once (the short last chunk of a long
+    // prefill does not sit in the buffer); a shorter one waits for the batch.
+    let mut s = session();
+    s.feed(&tokens[..40]).unwrap();
+    s.feed(&tokens[40..50]).unwrap();
+    for h in s.cache().evictable_heads() {
+        assert!(
+            h.score[..40].iter().all(|&x| x > 0.0),
+            "{:?}",
+            &h.score[..40]
+        );
+        assert!(h.score[40..].iter().all(|&x| x == 0.0));
+    }
 }

@@ -98,7 +98,7 @@ pub fn rows_from_csv(text: &str) -> Result<Vec<Row>, String> {
             keep: num("keep")?.ok_or_else(|| bad("keep"))?,
             n,
             accuracy: summary("accuracy", "accuracy_ci95")?,
-            evidence_kept: summary("evidence_kept", "")?,
+            evidence_kept: summary("evidence_kept", "evidence_kept_ci95")?,
             kld,
             top1: summary("top1", "top1_ci95")?,
             delta_nll: summary("delta_nll", "delta_nll_ci95")?,
@@ -207,7 +207,8 @@ fn kv_fraction(r: &crate::session::CompressReport) -> f64 {
 pub fn csv(rows: &[Row]) -> String {
     let mut out = String::from(
         "task,length,policy,keep,n,accuracy,accuracy_ci95,evidence_kept,kld_mean,kld_ci95,kld_p50,kld_p90,\
-         kld_p99,top1,top1_ci95,delta_nll,delta_nll_ci95,kv_fraction,accuracy_lo,accuracy_hi\n",
+         kld_p99,top1,top1_ci95,delta_nll,delta_nll_ci95,kv_fraction,accuracy_lo,accuracy_hi,\
+         evidence_kept_ci95\n",
     );
     let opt = |s: &Option<Summary>| match s {
         Some(s) => format!("{:.6},{:.6}", s.mean, s.ci95),
@@ -224,7 +225,7 @@ pub fn csv(rows: &[Row]) -> String {
         });
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{:.4},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{}",
             r.task,
             r.length,
             r.policy,
@@ -238,7 +239,9 @@ pub fn csv(rows: &[Row]) -> String {
             opt(&r.top1),
             opt(&r.delta_nll),
             r.kv_fraction,
-            wilson_bounds
+            wilson_bounds,
+            r.evidence_kept
+                .map_or(String::new(), |e| format!("{:.4}", e.ci95)),
         );
     }
     out
@@ -1045,7 +1048,8 @@ mod tests {
                 query: 0,
                 score,
                 text: String::new(),
-                evidence_kept: keep,
+                // Varies with the score, so that its interval is not zero.
+                evidence_kept: keep * (0.6 + 0.4 * score),
                 compression: CompressReport::default(),
             })
             .collect()

@@ -3,11 +3,11 @@
 //! it into one score per new KV pair, which lands in the cache's scores for the
 //! eviction schedule to use like any other policy's.
 //!
-//! A prefill chunk of at least [`GATE_BATCH`] tokens is scored at once, inside the
-//! forward pass, while its inputs are in cache. Smaller calls (decode: one token)
-//! buffer their inputs and are scored [`GATE_BATCH`] at a time, so the gate weights
-//! are read once per batch rather than once per token. Before anything is judged
-//! the buffer is flushed, so no pair is ever judged unscored.
+//! A forward call of at least [`GATE_DIRECT`] tokens (a prefill chunk) is scored at
+//! once, inside the forward pass, while its inputs are in cache. Smaller calls
+//! (decode: one token) buffer their inputs and are scored [`GATE_BATCH`] at a time,
+//! so the gate weights are read once per batch rather than once per token. Before
+//! anything is judged the buffer is flushed, so no pair is ever judged unscored.
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -19,6 +19,12 @@ use crate::model::AttnInput;
 
 /// Tokens scored together (the spec's decode buffer of 128).
 pub const GATE_BATCH: usize = 128;
+
+/// A forward call of this many tokens or more is scored directly rather than
+/// buffered: the gate weights are then read once per 32 tokens or fewer, and the
+/// buffer (n_embd floats per token and gated layer: 7 MiB for 100 SmolLM2 tokens)
+/// does not hold the short last chunk of a long prefill.
+const GATE_DIRECT: usize = 32;
 
 impl AttnInput for GateScorer {
     fn attn_input(&mut self, layer: usize, x: &[f32]) {
@@ -73,7 +79,7 @@ impl GateScorer {
     /// A forward call of `n` tokens from position `start` begins.
     fn begin(&mut self, start: usize, n: usize) {
         let empty = self.n_pending() == 0;
-        self.direct = (empty && n >= GATE_BATCH).then_some(start);
+        self.direct = (empty && n >= GATE_DIRECT).then_some(start);
         if empty {
             self.pending_from = start;
         }
@@ -111,7 +117,9 @@ impl GateScorer {
                 let gate = gates.layer(il)?;
                 let mut scores = vec![0f32; x.len() / s.n_embd * s.n_head_kv];
                 gate.score(s, x, &mut scores);
-                x.clear();
+                // Give the buffer back (decode refills it slowly; a prefill may have
+                // filled it with a whole chunk).
+                *x = Vec::new();
                 Some((il, from, scores))
             })
             .collect();
