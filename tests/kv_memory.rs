@@ -20,7 +20,7 @@ fn status_bytes(field: &str) -> usize {
 #[test]
 fn compaction_returns_memory_to_the_os() {
     if !std::path::Path::new("/proc/self/status").exists() {
-        eprintln!("SKIP: no /proc/self/status on this system");
+        skip("no /proc/self/status on this system");
         return;
     }
     let Some(path) = model(SMOLLM2) else { return };

@@ -3,8 +3,9 @@
 //! page, a full queue answers 503, a client that leaves mid-stream frees its slot.
 //! The official `openai` package, a load test and headless Chromium run through
 //! scripts (tests/server/openai_client.py, benches/load_test.py,
-//! tests/browser/chat_page.mjs) where their tools are installed; each prints SKIP
-//! otherwise (`.ci/run` installs them).
+//! tests/browser/chat_page.mjs) where their tools are installed; each skips
+//! otherwise (`common::skip`: a failure under FASTKV_REQUIRE_FIXTURES, which `.ci/run`
+//! sets after installing them).
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
@@ -391,7 +392,7 @@ fn run_script(program: &str, args: &[&str]) {
 fn the_openai_package_talks_to_the_server_and_documents_are_reused() {
     let Some(m) = smollm2() else { return };
     if !have("python3", &["-c", "import openai"]) {
-        println!("SKIP: the openai Python package is not installed (pip install openai)");
+        skip("the openai Python package is not installed (pip install openai)");
         return;
     }
     let s = Server::start(
@@ -455,9 +456,9 @@ fn the_chat_page_streams_an_answer_in_headless_chromium() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let driver = root.join("tests/browser/node_modules/playwright-core");
     if !Path::new("/usr/bin/chromium").exists() || !driver.exists() {
-        println!(
-            "SKIP: needs /usr/bin/chromium (Debian's chromium) and playwright-core \
-             (cd tests/browser && npm ci)"
+        skip(
+            "needs /usr/bin/chromium (Debian's chromium) and playwright-core \
+             (cd tests/browser && npm ci)",
         );
         return;
     }

@@ -2,8 +2,8 @@
 //! tricky strings, identical token pieces for every id, the same end-of-generation
 //! set, lossless round trips, chat templates, and clear errors on bad metadata.
 //!
-//! Tests that need `models/*.gguf` or `../shared/data` print SKIP and pass when those
-//! files are absent.
+//! Tests that need `models/*.gguf` or `../shared/data` skip when those files are
+//! absent (`common::skip`: a failure under FASTKV_REQUIRE_FIXTURES).
 mod common;
 
 use std::path::Path;

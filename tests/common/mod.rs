@@ -3,10 +3,31 @@
 #![allow(dead_code)]
 use std::path::PathBuf;
 
+/// The switch that makes a missing prerequisite fail a test instead of skipping it
+/// (`.ci/run` sets it: CI must not pass having checked nothing).
+pub const REQUIRE_FIXTURES: &str = "FASTKV_REQUIRE_FIXTURES";
+
+/// Whether a value of [`REQUIRE_FIXTURES`] asks for missing prerequisites to fail
+/// (set, and neither empty nor "0").
+pub fn fixtures_required(value: Option<&str>) -> bool {
+    value.is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A test cannot run because `why` is missing: say so and let it pass, or fail it
+/// where [`REQUIRE_FIXTURES`] is set. Every test that returns early for a missing
+/// model, data file or tool goes through here.
+pub fn skip(why: &str) {
+    let value = std::env::var(REQUIRE_FIXTURES).ok();
+    if fixtures_required(value.as_deref()) {
+        panic!("{why} ({REQUIRE_FIXTURES} is set, so a missing prerequisite is a failure)");
+    }
+    eprintln!("SKIP: {why}");
+}
+
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
 
-/// Path of a reference model, or None (with a message saying why the test skips).
+/// Path of a reference model, or None (see [`skip`]).
 pub fn model(name: &str) -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("models")
@@ -14,16 +35,16 @@ pub fn model(name: &str) -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!(
-            "SKIP: {} not found; run `python3 models/fetch.py` first",
+        skip(&format!(
+            "{} not found; run `python3 models/fetch.py` first",
             p.display()
-        );
+        ));
         None
     }
 }
 
 /// The gates shipped in models/ for reference model `name` (`<stem>.gates.gguf`),
-/// or None (with a message saying why the test skips).
+/// or None (see [`skip`]).
 pub fn shipped_gates(
     name: &str,
     model: &fastkv::model::Model,
@@ -33,7 +54,7 @@ pub fn shipped_gates(
         .join("models")
         .join(format!("{stem}.gates.gguf"));
     if !p.is_file() {
-        eprintln!("SKIP: {} not found", p.display());
+        skip(&format!("{} not found", p.display()));
         return None;
     }
     let g = fastkv::gate::Gates::load(&p, model)
@@ -41,7 +62,7 @@ pub fn shipped_gates(
     Some(std::sync::Arc::new(g))
 }
 
-/// A file under ../shared/data, or None (with a message saying why the test skips).
+/// A file under ../shared/data, or None (see [`skip`]).
 pub fn shared_data(rel: &str) -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/data")
@@ -49,10 +70,10 @@ pub fn shared_data(rel: &str) -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!(
-            "SKIP: {} not found (../shared is absent on this machine)",
+        skip(&format!(
+            "{} not found (../shared is absent on this machine)",
             p.display()
-        );
+        ));
         None
     }
 }
