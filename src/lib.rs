@@ -6,6 +6,7 @@
 //! decode, [`gate`] holds the Fast KVzip gates (scoring and training). Front ends sit on top: the command line
 //! ([`cli`], `main.rs`) and the OpenAI-compatible HTTP server ([`server`]).
 pub mod cli;
+pub mod durable;
 pub mod eval;
 pub mod gate;
 pub mod gguf;

@@ -219,11 +219,16 @@ impl Gates {
                 b = b.add_f32_tensor(name, shape, data.to_vec()).map_err(werr)?;
             }
         }
-        // Write beside the target and rename, so a crash never leaves half a file.
-        let tmp = path.with_extension("gguf.partial");
-        b.build_to_file(&tmp).map_err(werr)?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+        // A crash or a second save to the same path never leaves a torn file.
+        crate::durable::write_via_path(path, |tmp| {
+            b.build_to_file(tmp)
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .map_err(|e| GateError::Write {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })
     }
 
     /// Read a gate file, without checking which model it belongs to.

@@ -146,12 +146,10 @@ impl StageAProgress {
     }
 
     fn save(&self, work: &Path) -> Result<(), GateError> {
-        let tmp = work.join(format!("{PROGRESS}.partial"));
-        std::fs::write(
-            &tmp,
-            serde_json::to_string_pretty(self).expect("plain struct"),
-        )?;
-        std::fs::rename(tmp, work.join(PROGRESS))?;
+        let text = serde_json::to_string_pretty(self).expect("plain struct");
+        crate::durable::write_with(&work.join(PROGRESS), |f| {
+            std::io::Write::write_all(f, text.as_bytes())
+        })?;
         Ok(())
     }
 

@@ -79,12 +79,8 @@ impl SavedContext {
             path: path.to_path_buf(),
             source,
         };
-        // Write next to the target, then rename: a failed save leaves the old file.
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(".tmp");
-        let tmp = PathBuf::from(tmp_name);
-        let write = || -> io::Result<()> {
-            let file = std::fs::File::create(&tmp)?;
+        // A crash or a second save to the same path never leaves a torn file.
+        crate::durable::write_with(path, |file| {
             let mut w = Hashing {
                 inner: BufWriter::new(file),
                 hash: Xxh3Default::new(),
@@ -93,13 +89,9 @@ impl SavedContext {
             let sum = w.hash.digest();
             let mut inner = w.inner;
             inner.write_all(&sum.to_le_bytes())?;
-            inner.flush()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io_err(e)
+            inner.flush()
         })
+        .map_err(io_err)
     }
 
     /// Read a context saved by [`SavedContext::save`] for the model with this
@@ -356,6 +348,39 @@ mod tests {
         save(&path, 42, &ctx);
         let back = SavedContext::load(&path, 42, &shape()).unwrap();
         assert_eq!(back, ctx);
+    }
+
+    /// Saves racing to one path (two sessions saving the same file) all succeed, the
+    /// file is one of them whole, and no temporary file is left behind.
+    #[test]
+    fn concurrent_saves_to_one_path_do_not_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctx.fkv");
+        let base = context();
+        let versions: Vec<SavedContext> = (0..4u32)
+            .map(|t| {
+                let mut c = base.clone();
+                c.tokens[0] = 100 + t;
+                c
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for c in &versions {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        SavedContext::save(path, 42, &c.tokens, &c.cache, c.judged_below).unwrap();
+                    }
+                });
+            }
+        });
+        let back = SavedContext::load(&path, 42, &shape()).unwrap();
+        assert!(versions.contains(&back));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["ctx.fkv"]);
     }
 
     #[test]
