@@ -25,7 +25,14 @@ struct Server {
 impl Server {
     /// Start the server on a free loopback port with `args` and wait until it is ready.
     fn start(model: &Path, args: &[&str]) -> Server {
+        Self::start_with_env(model, args, &[])
+    }
+
+    /// [`Server::start`] with these environment variables set.
+    fn start_with_env(model: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+            .env_remove("FASTKV_API_KEY")
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("-m")
             .arg(model)
@@ -290,6 +297,58 @@ fn api_key_guards_every_route_but_health_and_the_page() {
     assert_eq!(status, 200, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+}
+
+/// The key can stay off the command line (where `ps` shows it): from $FASTKV_API_KEY or
+/// the first line of --api-key-file. An empty key, or two sources at once, are refused.
+#[test]
+fn api_key_from_the_environment_or_a_file() {
+    let Some(m) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    std::fs::write(&file, "from-file\n").unwrap();
+    let by_env = Server::start_with_env(&m, &[], &[("FASTKV_API_KEY", "from-env")]);
+    let by_file = Server::start(&m, &["--api-key-file", file.to_str().unwrap()]);
+    let body = chat("Hi", json!({"max_tokens": 1}));
+    for (s, key) in [(&by_env, "from-env"), (&by_file, "from-file")] {
+        assert_eq!(s.get("/v1/models").0, 401);
+        let (status, _) = s.post_with(
+            "/tokenize",
+            &json!({"content": "Hi"}).to_string(),
+            Some("wrong"),
+        );
+        assert_eq!(status, 401);
+        let (status, text) = s.post_with("/v1/chat/completions", &body, Some(key));
+        assert_eq!(status, 200, "{text}");
+    }
+
+    let refused = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+            .env_remove("FASTKV_API_KEY")
+            .envs(env.iter().copied())
+            .args(["serve", "-m", m.to_str().unwrap(), "--port", "0"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} {env:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let err = refused(&["--api-key-file", empty.to_str().unwrap()], &[]);
+    assert!(err.contains("the API key is empty"), "{err}");
+    let err = refused(&[], &[("FASTKV_API_KEY", "")]);
+    assert!(err.contains("the API key is empty"), "{err}");
+    let err = refused(
+        &["--api-key", "a", "--api-key-file", file.to_str().unwrap()],
+        &[],
+    );
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = refused(
+        &["--api-key-file", dir.path().join("none").to_str().unwrap()],
+        &[],
+    );
+    assert!(err.contains("cannot read the API key file"), "{err}");
 }
 
 /// A streamed request whose first piece has arrived, and the reader to abandon.

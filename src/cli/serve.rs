@@ -1,6 +1,8 @@
 //! `fastkv serve`: the OpenAI-compatible server (see [`crate::server`]), with
 //! llama-server's flag names.
-use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{KvArgs, ModelArgs};
@@ -35,9 +37,13 @@ pub struct ServeArgs {
         allow_negative_numbers = true
     )]
     pub n_predict: i64,
-    /// Require `Authorization: Bearer KEY` on every route but /health and /.
-    #[arg(long = "api-key")]
+    /// Require `Authorization: Bearer KEY` on every route but /health and /. On the
+    /// command line the key shows in `ps`: prefer $FASTKV_API_KEY or --api-key-file.
+    #[arg(long = "api-key", env = "FASTKV_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Read the API key from the first line of FILE.
+    #[arg(long = "api-key-file", value_name = "FILE", conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
     /// Serve Prometheus metrics at /metrics.
     #[arg(long = "metrics")]
     pub metrics: bool,
@@ -55,14 +61,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     // Fail on bad eviction flags before loading anything.
     let seed = 0;
     a.kv.config(seed)?;
+    let api_key = api_key(&a)?;
     let listening = server::listen(ServerConfig {
         host: a.host.clone(),
         port: a.port,
-        api_key: a.api_key.clone(),
+        api_key: api_key.clone(),
         metrics: a.metrics,
     })?;
     let loopback = listening.addr.ip().is_loopback();
-    if !loopback && a.api_key.is_none() {
+    if !loopback && api_key.is_none() {
         eprintln!(
             "warning: listening on {} without --api-key: anyone who can reach it can use it",
             listening.addr
@@ -107,4 +114,24 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     );
     engine.run(inbox);
     Ok(())
+}
+
+/// The API key: `--api-key` (or $FASTKV_API_KEY), or the first line of
+/// `--api-key-file`. An empty key is refused rather than taken as "no key".
+fn api_key(a: &ServeArgs) -> Result<Option<String>> {
+    let key = match (&a.api_key, &a.api_key_file) {
+        (Some(k), _) => k.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the API key file {}", f.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    if key.is_empty() {
+        bail!("the API key is empty (--api-key, $FASTKV_API_KEY or --api-key-file)");
+    }
+    Ok(Some(key))
 }

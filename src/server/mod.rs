@@ -165,11 +165,19 @@ async fn authorize(State(app): State<Arc<AppState>>, req: Request, next: Next) -
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
+        if !key_matches(given, key) {
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await
+}
+
+/// Whether a request's bearer token is the key, compared in constant time so that
+/// response times tell nothing about how much of a guess was right. (Only the key's
+/// length can show, and a guess must match it whole.)
+fn key_matches(given: Option<&str>, key: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(key.as_bytes())))
 }
 
 async fn health(State(app): State<Arc<AppState>>) -> Response {
@@ -515,4 +523,23 @@ fn random_seed() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     nanos ^ 0x9e37_79b9_7f4a_7c15
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_matches;
+
+    #[test]
+    fn only_the_whole_key_matches() {
+        assert!(key_matches(Some("sekrit"), "sekrit"));
+        for wrong in [
+            None,
+            Some(""),
+            Some("sekri"),
+            Some("sekrit "),
+            Some("Sekrit"),
+        ] {
+            assert!(!key_matches(wrong, "sekrit"), "{wrong:?}");
+        }
+    }
 }
