@@ -145,9 +145,11 @@ fn train_gates_end_to_end_on_a_tiny_model() {
     assert!(stderr(&o).contains("from an earlier run"), "{}", stderr(&o));
     assert!(std::fs::read(&out2).unwrap() == a);
 
-    // Now that the model has gates, they are what eviction uses by default.
+    // Now that the model has gates, they are what eviction uses by default, and the
+    // output names the file that was found.
     let err = unnamed_policy();
     assert!(err.contains("; gated, keep 0.5"), "{err}");
+    assert!(err.contains(&format!("gates: {out1} (found")), "{err}");
 
     // The gated policy finds the gates next to the model and runs.
     let o = fastkv(&[
@@ -180,6 +182,64 @@ fn train_gates_end_to_end_on_a_tiny_model() {
     assert_clean_error(&o, "not a fastkv gate file");
     let o = run_one(m, &["--gates", &out1]);
     assert_clean_error(&o, "--gates is for --kv-policy gated");
+}
+
+/// A gate file's sizes are checked before they size anything: a block count of 2^40
+/// (which once ran a loop that long and sized a table by it) or a huge dimension is
+/// refused at once, with a message.
+#[test]
+fn hostile_gate_metadata_is_refused_before_use() {
+    use fastkv::gate::{GateMeta, LayerGate};
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), 3);
+    let m = Model::load(&path).unwrap();
+    let meta = GateMeta::for_model(&m, &path);
+    let shape = meta.shape;
+    let layers = gated_layers(&m)
+        .into_iter()
+        .map(|il| (il, LayerGate::init(&shape, il as u64)))
+        .collect();
+    let good = dir.path().join("good.gates.gguf");
+    Gates::new(meta, m.config.n_layer, layers)
+        .save(&good)
+        .unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    // A u64 metadata value: the key, its type (u32 10 = UINT64), then 8 bytes.
+    let patched = |key: &str, value: u64| {
+        let at = bytes
+            .windows(key.len())
+            .position(|w| w == key.as_bytes())
+            .unwrap_or_else(|| panic!("{key} is in the file"))
+            + key.len();
+        assert_eq!(bytes[at..at + 4], 10u32.to_le_bytes(), "{key} is a u64");
+        let mut b = bytes.clone();
+        b[at + 4..at + 12].copy_from_slice(&value.to_le_bytes());
+        let p = dir.path().join("bad.gates.gguf");
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    for (key, value, needle) in [
+        ("fastkv.gates.model.block_count", 1u64 << 40, "block count"),
+        ("fastkv.gates.model.block_count", 0, "block count"),
+        (
+            "fastkv.gates.embedding_length",
+            1u64 << 40,
+            "implausibly large",
+        ),
+        ("fastkv.gates.dim", 1u64 << 30, "implausibly large"),
+    ] {
+        let p = patched(key, value);
+        let t0 = std::time::Instant::now();
+        let err = Gates::open(&p).unwrap_err().to_string();
+        assert!(err.contains(needle), "{key} = {value}: {err}");
+        assert!(Gates::load(&p, &m).is_err());
+        assert!(
+            t0.elapsed().as_secs() < 5,
+            "{key} = {value} took {:?}",
+            t0.elapsed()
+        );
+    }
+    assert!(Gates::load(&good, &m).is_ok());
 }
 
 /// `fastkv run` of one token with `model` and `extra` flags.

@@ -211,7 +211,15 @@ impl KvArgs {
 pub fn load_gates(path: Option<&Path>, l: &Loaded) -> Result<Arc<Gates>> {
     let path = match path {
         Some(p) => p.to_path_buf(),
-        None => find_gates(&l.model, &l.path)?,
+        None => {
+            // Found, not named: say which file decides what is evicted.
+            let p = find_gates(&l.model, &l.path)?;
+            eprintln!(
+                "gates: {} (found for this model; --gates FILE names another)",
+                p.display()
+            );
+            p
+        }
     };
     let gates = Gates::load(&path, &l.model)
         .with_context(|| format!("cannot use the gates in {}", path.display()))?;

@@ -19,6 +19,12 @@ const KIND: &str = "fastkv.gates";
 /// The file name suffix gate files carry (`<model stem>.gates.gguf`).
 pub const GATE_SUFFIX: &str = ".gates.gguf";
 
+/// Bounds on what a gate file may claim, far above any real model (SmolLM2: 30
+/// layers, width 576, 3 KV heads of 3 query heads, d = 16, 16 sinks).
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_EMBD: usize = 1 << 18;
+const MAX_HEAD_DIM: usize = 1 << 10;
+
 /// How a gate file's gates were trained, and how well.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct TrainingInfo {
@@ -91,6 +97,21 @@ impl GateMeta {
         if [s.n_embd, s.n_head_kv, s.group, s.dim, s.sinks].contains(&0) {
             return Err(not(format!("a gate dimension is zero: {s:?}")));
         }
+        // Sizes are multiplied and loops run over them before any tensor is read: a
+        // hostile file must not make that overflow, allocate or spin without end.
+        if s.n_embd > MAX_EMBD
+            || [s.n_head_kv, s.group, s.dim, s.sinks]
+                .iter()
+                .any(|&v| v > MAX_HEAD_DIM)
+        {
+            return Err(not(format!("a gate dimension is implausibly large: {s:?}")));
+        }
+        let n_layer = u("model.block_count")?;
+        if n_layer == 0 || n_layer > MAX_LAYERS {
+            return Err(not(format!(
+                "its model block count {n_layer} is not between 1 and {MAX_LAYERS}"
+            )));
+        }
         let text = |k: &str| f.get_str(&format!("fastkv.gates.{k}")).unwrap_or_default();
         let num = |k: &str| {
             f.get_u64(&format!("fastkv.gates.training.{k}"))
@@ -106,7 +127,7 @@ impl GateMeta {
             shape: s,
             model_arch: text("model.architecture").to_string(),
             model_name: text("model.name").to_string(),
-            n_layer: u("model.block_count")?,
+            n_layer,
             fingerprint,
             training: TrainingInfo {
                 template: text("training.template").to_string(),
@@ -235,6 +256,11 @@ impl Gates {
     pub fn open(path: &Path) -> Result<Self, GateError> {
         let f = GgufFile::open(path)?;
         let meta = GateMeta::read(&f, path)?;
+        Self::read_tensors(&f, meta, path)
+    }
+
+    /// The gate tensors of an open file whose metadata `meta` has been read.
+    fn read_tensors(f: &GgufFile, meta: GateMeta, path: &Path) -> Result<Self, GateError> {
         let s = meta.shape;
         let not = |why: String| GateError::NotGates {
             path: path.display().to_string(),
@@ -286,8 +312,11 @@ impl Gates {
     /// Read a gate file and check that it was trained for `model`, and that it gates
     /// exactly the layers whose KV the runtime evicts.
     pub fn load(path: &Path, model: &Model) -> Result<Self, GateError> {
-        let g = Self::open(path)?;
-        g.meta.check_model(model, path)?;
+        let f = GgufFile::open(path)?;
+        let meta = GateMeta::read(&f, path)?;
+        // Before any tensor is read: the sizes are then the model's own.
+        meta.check_model(model, path)?;
+        let g = Self::read_tensors(&f, meta, path)?;
         let evicted = super::gated_layers(model);
         for il in 0..model.config.n_layer {
             let (gated, evictable) = (g.layer(il).is_some(), evicted.contains(&il));
