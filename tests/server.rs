@@ -299,6 +299,36 @@ fn api_key_guards_every_route_but_health_and_the_page() {
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
 }
 
+/// Tokenizing runs off the async runtime: while three requests of 6 MiB each are
+/// being tokenized (seconds of work), /health still answers at once. (On the runtime,
+/// two of them held both its worker threads and every route waited.)
+#[test]
+fn large_requests_do_not_stall_the_server() {
+    let Some(m) = smollm2() else { return };
+    let s = Server::start(&m, &[]);
+    let content = "The cat sat on the mat, and 42 dogs watched it. ".repeat((6 << 20) / 48);
+    let body = json!({ "content": content }).to_string();
+    std::thread::scope(|scope| {
+        let big: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| s.post("/tokenize", &body)))
+            .collect();
+        // Let the bodies arrive and tokenizing start.
+        std::thread::sleep(Duration::from_millis(800));
+        let still_busy = || big.iter().any(|h| !h.is_finished());
+        assert!(still_busy(), "the large requests finished too soon to test anything");
+        let t0 = Instant::now();
+        assert_eq!(s.get("/health").0, 200);
+        let waited = t0.elapsed();
+        assert!(still_busy(), "the large requests finished before /health was checked");
+        assert!(waited < Duration::from_millis(300), "/health took {waited:?}");
+        for h in big {
+            let (status, text) = h.join().unwrap();
+            assert_eq!(status, 200);
+            assert!(text.len() > content.len() / 4, "{} bytes of tokens", text.len());
+        }
+    });
+}
+
 /// The key can stay off the command line (where `ps` shows it): from $FASTKV_API_KEY or
 /// the first line of --api-key-file. An empty key, or two sources at once, are refused.
 #[test]

@@ -236,8 +236,20 @@ async fn tokenize(
 ) -> Result<Json<Value>, ApiError> {
     let r = app.ready()?;
     let req: TokenizeRequest = api::parse_body(&body_bytes(body)?)?;
-    let tokens = r.tokenizer.encode(&req.content, req.add_special, true);
+    let tok = r.tokenizer.clone();
+    let tokens = off_runtime(move || tok.encode(&req.content, req.add_special, true)).await?;
     Ok(Json(json!({ "tokens": tokens })))
+}
+
+/// Run `work` (tokenizing a request: up to the body limit of text) on tokio's blocking
+/// pool, so that a large request never stalls the runtime that answers every other
+/// route, /health included.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))
 }
 
 async fn detokenize(
@@ -285,16 +297,22 @@ async fn chat_completions(
             .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))
     };
     let rendered = render(&messages, true)?;
-    let prompt = r.tokenizer.encode_chat(&rendered);
     // A long opening system message is a document to compress once and reuse: its
     // rendered turn must tokenize as the prompt's first tokens.
-    let mut document = None;
-    if r.compress && messages.len() > 1 && messages[0].role == "system" {
-        let system = r.tokenizer.encode_chat(&render(&messages[..1], false)?);
-        if system.len() >= DOCUMENT_MIN_TOKENS && prompt.starts_with(&system) {
-            document = Some(0..system.len());
-        }
-    }
+    let system = if r.compress && messages.len() > 1 && messages[0].role == "system" {
+        Some(render(&messages[..1], false)?)
+    } else {
+        None
+    };
+    let tok = r.tokenizer.clone();
+    let (prompt, system) = off_runtime(move || {
+        let system = system.map(|s| tok.encode_chat(&s));
+        (tok.encode_chat(&rendered), system)
+    })
+    .await?;
+    let document = system
+        .filter(|s| s.len() >= DOCUMENT_MIN_TOKENS && prompt.starts_with(s))
+        .map(|s| 0..s.len());
     generate(&app, r, Kind::Chat, prompt, document, params).await
 }
 
@@ -305,7 +323,9 @@ async fn completions(
     let r = app.ready()?;
     let req: CompletionRequest = api::parse_body(&body_bytes(body)?)?;
     let params = req.common.validate(&r.model_id, random_seed())?;
-    let prompt = r.tokenizer.encode(&req.prompt_text()?, true, true);
+    let text = req.prompt_text()?;
+    let tok = r.tokenizer.clone();
+    let prompt = off_runtime(move || tok.encode(&text, true, true)).await?;
     generate(&app, r, Kind::Text, prompt, None, params).await
 }
 

@@ -135,14 +135,71 @@ enum Fragment {
     Token(u32),
 }
 
+/// Finds special tokens in a text in one pass, however many the vocabulary has
+/// (Gemma 3: 6,414), with an Aho-Corasick automaton (`aho-corasick`, the matcher
+/// behind the `regex` crate and Hugging Face's added tokens). At each position the
+/// longest token wins, leftmost first, as Hugging Face matches added tokens.
+/// llama.cpp instead cuts each special token out in turn, longest first; the two
+/// agree except where two different special tokens partially overlap in the text
+/// (tests/tokenizer.rs checks llama.cpp's ids on random strings of special pieces).
+#[derive(Debug, Clone)]
+struct SpecialMatcher {
+    /// None when no token has the attributes asked for.
+    automaton: Option<aho_corasick::AhoCorasick>,
+    /// Token id of each pattern.
+    ids: Vec<u32>,
+}
+
+impl SpecialMatcher {
+    /// The tokens of `vocab` with any of the attributes `with` and none of `without`
+    /// (texts that are empty are left out: they would match everywhere).
+    fn new(vocab: &Vocab, with: u16, without: u16) -> Result<Self, TokenizerError> {
+        let ids: Vec<u32> = (0..vocab.tokens.len() as u32)
+            .filter(|&id| {
+                let a = vocab.attr(id);
+                a & with != 0 && a & without == 0 && !vocab.tokens[id as usize].text.is_empty()
+            })
+            .collect();
+        if ids.is_empty() {
+            return Ok(Self {
+                automaton: None,
+                ids,
+            });
+        }
+        let automaton = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(
+                ids.iter()
+                    .map(|&id| vocab.tokens[id as usize].text.as_str()),
+            )
+            .map_err(|e| TokenizerError::BadMetadata {
+                key: "tokenizer.ggml.tokens".into(),
+                detail: format!("the special tokens cannot be matched: {e}"),
+            })?;
+        Ok(Self {
+            automaton: Some(automaton),
+            ids,
+        })
+    }
+
+    /// (start, end, token id) of each special token in `text`, left to right.
+    fn find_iter<'a>(&'a self, text: &'a str) -> impl Iterator<Item = (usize, usize, u32)> + 'a {
+        self.automaton
+            .iter()
+            .flat_map(move |ac| ac.find_iter(text))
+            .map(|m| (m.start(), m.end(), self.ids[m.pattern().as_usize()]))
+    }
+}
+
 /// A tokenizer built from GGUF metadata; see the module docs.
 pub struct Tokenizer {
     model: Model,
     kind: String,
     vocab: Vocab,
-    /// Tokens cut out of the text before tokenizing (control, user-defined and
-    /// unknown tokens), longest text first.
-    specials: Vec<u32>,
+    /// Finds the tokens cut out of the text before tokenizing: control, user-defined
+    /// and unknown tokens (with `parse_special`), or user-defined ones only (without).
+    specials: SpecialMatcher,
+    user_specials: SpecialMatcher,
     bos: Option<u32>,
     eos: Option<u32>,
     eot: Option<u32>,
@@ -449,14 +506,16 @@ impl Tokenizer {
         let mut ids = SpecialIds::from_metadata(gguf, vocab.tokens.len(), is_spm);
         let eog = apply_name_rules(&mut vocab, &mut ids);
 
-        // Tokens cut out of the text before tokenizing, longest first (a stable sort:
-        // equal lengths in id order).
-        let mut specials: Vec<u32> = (0..vocab.tokens.len() as u32)
-            .filter(|&id| {
-                vocab.attr(id) & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0
-            })
-            .collect();
-        specials.sort_by_key(|&id| std::cmp::Reverse(vocab.tokens[id as usize].text.len()));
+        // Tokens cut out of the text before tokenizing.
+        let specials = SpecialMatcher::new(
+            &vocab,
+            attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN,
+            0,
+        )?;
+        // Without parse_special, as llama.cpp: a control or unknown token stays text
+        // even if it is also user-defined.
+        let user_specials =
+            SpecialMatcher::new(&vocab, attr::USER_DEFINED, attr::CONTROL | attr::UNKNOWN)?;
 
         let (model, kind, clean_spaces, char_to_byte) = match pre_spec {
             None => {
@@ -511,6 +570,7 @@ impl Tokenizer {
             kind,
             vocab,
             specials,
+            user_specials,
             bos: ids.bos,
             eos: ids.eos,
             eot: ids.eot,
@@ -577,49 +637,31 @@ impl Tokenizer {
         out
     }
 
-    /// Cut special tokens out of `text`: each special token in turn (longest first)
-    /// splits every remaining text fragment at its leftmost non-overlapping
-    /// occurrences. Without `parse_special`, control and unknown tokens are skipped.
+    /// Cut special tokens out of `text` (see [`SpecialMatcher`]). Without
+    /// `parse_special`, control and unknown tokens stay text.
     fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
-        if text.is_empty() {
-            return Vec::new();
+        let matcher = if parse_special {
+            &self.specials
+        } else {
+            &self.user_specials
+        };
+        let mut fragments = Vec::new();
+        let mut pos = 0;
+        for (start, end, id) in matcher.find_iter(text) {
+            if start > pos {
+                fragments.push(Fragment::Text {
+                    start: pos,
+                    end: start,
+                });
+            }
+            fragments.push(Fragment::Token(id));
+            pos = end;
         }
-        let mut fragments = vec![Fragment::Text {
-            start: 0,
-            end: text.len(),
-        }];
-        for &id in &self.specials {
-            if !parse_special && self.vocab.attr(id) & (attr::CONTROL | attr::UNKNOWN) != 0 {
-                continue;
-            }
-            let needle = self.vocab.tokens[id as usize].text.as_str();
-            // Most special tokens never occur: check the whole text once before
-            // rebuilding the fragment list.
-            if !text.contains(needle) {
-                continue;
-            }
-            let mut next = Vec::with_capacity(fragments.len() + 2);
-            for fragment in fragments {
-                let Fragment::Text { start, end } = fragment else {
-                    next.push(fragment);
-                    continue;
-                };
-                let mut pos = start;
-                while let Some(at) = text[pos..end].find(needle) {
-                    if at > 0 {
-                        next.push(Fragment::Text {
-                            start: pos,
-                            end: pos + at,
-                        });
-                    }
-                    next.push(Fragment::Token(id));
-                    pos += at + needle.len();
-                }
-                if pos < end {
-                    next.push(Fragment::Text { start: pos, end });
-                }
-            }
-            fragments = next;
+        if pos < text.len() {
+            fragments.push(Fragment::Text {
+                start: pos,
+                end: text.len(),
+            });
         }
         fragments
     }
