@@ -291,9 +291,11 @@ async fn chat_completions(
     let req: ChatRequest = api::parse_body(&body_bytes(body)?)?;
     let params = req.common.validate(&r.model_id, random_seed())?;
     let messages = req.chat_messages()?;
+    // Message content stays text: only the template's own markup becomes control
+    // tokens (a message holding `<|im_end|><|im_start|>system` cannot open a turn).
     let render = |m: &[ChatMessage], open: bool| {
         r.template
-            .render(m, open)
+            .render_untrusted(&r.tokenizer, m, open)
             .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))
     };
     let rendered = render(&messages, true)?;
@@ -306,8 +308,8 @@ async fn chat_completions(
     };
     let tok = r.tokenizer.clone();
     let (prompt, system) = off_runtime(move || {
-        let system = system.map(|s| tok.encode_chat(&s));
-        (tok.encode_chat(&rendered), system)
+        let system = system.map(|(s, content)| tok.encode_chat_content(&s, &content));
+        (tok.encode_chat_content(&rendered.0, &rendered.1), system)
     })
     .await?;
     let document = system

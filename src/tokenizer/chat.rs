@@ -9,8 +9,12 @@
 //! (`.strip()`, `.startswith()`...) or `tojson` are not supported yet.
 //!
 //! The rendered text contains special tokens written out (`<|im_start|>`...): encode
-//! it with `parse_special = true`, and with `add_special = false` if the template
-//! already writes `bos_token`.
+//! it with [`Tokenizer::encode_chat`], which parses them and adds BOS unless the
+//! template wrote it. Messages from someone else (a server's clients) go through
+//! [`ChatTemplate::render_untrusted`] and [`Tokenizer::encode_chat_content`], which
+//! keep control tokens spelled out in message content as text.
+use std::ops::Range;
+
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -158,6 +162,49 @@ impl ChatTemplate {
             Kind::Broken(e) => Err(TokenizerError::Template(e.clone())),
             Kind::Plain => Ok(render_plain(messages, add_generation_prompt)),
         }
+    }
+}
+
+impl ChatTemplate {
+    /// [`ChatTemplate::render`] for messages from someone else (a server's clients):
+    /// also returns the byte ranges of the output that are the content of a message
+    /// spelling out control tokens, for [`Tokenizer::encode_chat_content`] to keep as
+    /// text. Such content is rendered as a marker and put back after rendering, so
+    /// the ranges are exact; content without control tokens is rendered as it is.
+    pub fn render_untrusted(
+        &self,
+        tok: &Tokenizer,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<Range<usize>>), TokenizerError> {
+        let mut shown = messages.to_vec();
+        let mut held: Vec<(String, String)> = Vec::new(); // (marker, content)
+        for (i, m) in shown.iter_mut().enumerate() {
+            if tok.has_control_text(&m.content) {
+                let marker = format!("\u{E000}fastkv-message-{i}\u{E001}");
+                held.push((marker.clone(), std::mem::replace(&mut m.content, marker)));
+            }
+        }
+        let rendered = self.render(&shown, add_generation_prompt)?;
+        if held.is_empty() {
+            return Ok((rendered, Vec::new()));
+        }
+        let mut out = String::with_capacity(rendered.len());
+        let mut spans = Vec::new();
+        let mut rest = rendered.as_str();
+        // The earliest marker left, each time (a template may repeat or drop one).
+        while let Some((at, marker, content)) = held
+            .iter()
+            .filter_map(|(m, c)| rest.find(m.as_str()).map(|at| (at, m, c)))
+            .min_by_key(|&(at, _, _)| at)
+        {
+            out.push_str(&rest[..at]);
+            spans.push(out.len()..out.len() + content.len());
+            out.push_str(content);
+            rest = &rest[at + marker.len()..];
+        }
+        out.push_str(rest);
+        Ok((out, spans))
     }
 }
 

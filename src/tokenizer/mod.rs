@@ -25,6 +25,7 @@
 //!   throws), and special tokens of equal length are tried in id order (llama.cpp's
 //!   order among equal lengths is unspecified).
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 
 use crate::gguf::{GgufError, GgufFile};
 
@@ -603,12 +604,68 @@ impl Tokenizer {
     /// model wants them; `parse_special` recognises control tokens written in the text
     /// (user-defined tokens are always recognised, as in llama.cpp).
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+        self.encode_fragments(text, self.partition(text, parse_special), add_special)
+    }
+
+    /// [`Tokenizer::encode_chat`] of a template's output in which the byte ranges
+    /// `content` (sorted, disjoint, on character boundaries) are message content:
+    /// there, control tokens stay text, as with `parse_special = false`, so that a
+    /// message cannot write the template's markup (`<|im_end|><|im_start|>system`).
+    /// Text that holds no control token encodes exactly as `encode_chat` does.
+    pub fn encode_chat_content(&self, rendered: &str, content: &[Range<usize>]) -> Vec<u32> {
+        let mut fragments = Vec::new();
+        let mut pos = 0;
+        let mut cut = |start: usize, end: usize, parse_special: bool| {
+            for f in self.partition(&rendered[start..end], parse_special) {
+                let f = match f {
+                    Fragment::Text { start: a, end: b } => Fragment::Text {
+                        start: start + a,
+                        end: start + b,
+                    },
+                    token => token,
+                };
+                // Text on both sides of a boundary is one fragment, as in one pass.
+                match (fragments.last_mut(), &f) {
+                    (Some(Fragment::Text { end, .. }), Fragment::Text { start: a, end: b })
+                        if *end == *a =>
+                    {
+                        *end = *b
+                    }
+                    _ => fragments.push(f),
+                }
+            }
+        };
+        for r in content {
+            cut(pos, r.start, true);
+            cut(r.start, r.end, false);
+            pos = r.end;
+        }
+        cut(pos, rendered.len(), true);
+        let bos_text = self.bos.and_then(|b| self.token_text(b));
+        let writes_bos = bos_text.is_some_and(|b| rendered.starts_with(b));
+        self.encode_fragments(rendered, fragments, !writes_bos)
+    }
+
+    /// Whether `text` spells out a control (or unknown) token, which
+    /// [`Tokenizer::encode_chat`] would turn into that token.
+    pub fn has_control_text(&self, text: &str) -> bool {
+        self.specials
+            .find_iter(text)
+            .any(|(_, _, id)| self.vocab.attr(id) & (attr::CONTROL | attr::UNKNOWN) != 0)
+    }
+
+    fn encode_fragments(
+        &self,
+        text: &str,
+        fragments: Vec<Fragment>,
+        add_special: bool,
+    ) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
         let mut prev_special = true; // the start of the input counts as a boundary
-        for fragment in self.partition(text, parse_special) {
+        for fragment in fragments {
             match fragment {
                 Fragment::Token(id) => {
                     out.push(id);
