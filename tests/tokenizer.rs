@@ -723,6 +723,41 @@ fn broken_templates_give_errors() {
     assert!(bad_call.render(&[], false).is_err());
 }
 
+/// A template from a model file cannot hang the process or fill its memory: a loop
+/// without end runs out of fuel, and output far beyond the messages' size stops the
+/// render. (The first ran 10^10 iterations and the second wrote 5 GB before.)
+#[test]
+fn hostile_templates_stop() {
+    let msgs = [ChatMessage::user("Hello")];
+    for (source, needle) in [
+        (
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            "fuel",
+        ),
+        (
+            "{% set s = 'x' * 50000000 %}{% for i in range(100) %}{{ s }}{% endfor %}",
+            "output passed",
+        ),
+    ] {
+        let t = ChatTemplate::new(source, "", "").unwrap();
+        let t0 = Instant::now();
+        match t.render(&msgs, true) {
+            Err(TokenizerError::Template(msg)) => assert!(msg.contains(needle), "{msg}"),
+            other => panic!("{source}: expected a template error, got {other:?}"),
+        }
+        assert!(t0.elapsed().as_secs() < 10, "{source}: {:?}", t0.elapsed());
+    }
+    // A real template with a long conversation stays well within both.
+    let chatml =
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+                  {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let t = ChatTemplate::new(chatml, "", "").unwrap();
+    let long: Vec<ChatMessage> = (0..5000)
+        .map(|i| ChatMessage::user(format!("message {i}").repeat(100)))
+        .collect();
+    assert!(t.render(&long, true).unwrap().len() > 5000 * 1000);
+}
+
 // ---------------------------------------------------------------------------------
 // Hand-written GGUF files for metadata edge cases.
 

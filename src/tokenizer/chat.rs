@@ -100,6 +100,8 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // The template comes from the model file: it may loop without end.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function(
             "raise_exception",
             |message: String| -> Result<String, Error> {
@@ -150,14 +152,37 @@ impl ChatTemplate {
                     .env
                     .get_template(TEMPLATE_NAME)
                     .map_err(template_error)?;
+                let mut out = CappedOutput {
+                    bytes: Vec::new(),
+                    cap: TEMPLATE_OUTPUT_BASE
+                        + TEMPLATE_OUTPUT_PER_CONTENT_BYTE
+                            * messages.iter().map(|m| m.content.len()).sum::<usize>(),
+                    overflowed: false,
+                };
                 template
-                    .render(context! {
-                        messages => messages,
-                        add_generation_prompt => add_generation_prompt,
-                        bos_token => &jinja.bos_token,
-                        eos_token => &jinja.eos_token,
-                    })
-                    .map_err(template_error)
+                    .render_captured_to(
+                        context! {
+                            messages => messages,
+                            add_generation_prompt => add_generation_prompt,
+                            bos_token => &jinja.bos_token,
+                            eos_token => &jinja.eos_token,
+                        },
+                        &mut out,
+                    )
+                    .map_err(|e| {
+                        if out.overflowed {
+                            TokenizerError::Template(format!(
+                                "the template's output passed {} bytes for {} messages",
+                                out.cap,
+                                messages.len()
+                            ))
+                        } else {
+                            template_error(e)
+                        }
+                    })?;
+                // minijinja writes whole `str`s.
+                String::from_utf8(out.bytes)
+                    .map_err(|e| TokenizerError::Template(format!("output not UTF-8: {e}")))
             }
             Kind::Broken(e) => Err(TokenizerError::Template(e.clone())),
             Kind::Plain => Ok(render_plain(messages, add_generation_prompt)),
@@ -231,6 +256,40 @@ fn capitalize(s: &str) -> String {
 }
 
 /// minijinja errors carry the template line; keep the whole chain readable.
+/// Template instructions one render may run (minijinja's fuel): a chat template
+/// spends a few hundred per message, so this is thousands of messages, and a
+/// template that loops without end stops in well under a second.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// A render's output may be the messages' content times this, plus the base: a
+/// template only adds markup around them. More stops the render (a hostile template
+/// could otherwise grow its output until memory runs out).
+const TEMPLATE_OUTPUT_PER_CONTENT_BYTE: usize = 4;
+const TEMPLATE_OUTPUT_BASE: usize = 1 << 20;
+
+/// The render's output, refused past `cap` bytes.
+struct CappedOutput {
+    bytes: Vec<u8>,
+    cap: usize,
+    /// Set when a write was refused (the render then fails).
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.cap {
+            self.overflowed = true;
+            return Err(std::io::Error::other("template output too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn template_error(e: Error) -> TokenizerError {
     let mut msg = e.to_string();
     let mut source = std::error::Error::source(&e);
