@@ -374,6 +374,57 @@ fn message_content_cannot_forge_roles() {
     assert_eq!(v["usage"]["prompt_tokens"], guarded, "{v}");
 }
 
+/// The status line of a raw HTTP/1.1 request to the server.
+fn raw_status(s: &Server, request: &str) -> String {
+    use std::io::Write;
+    let addr = s.base.trim_start_matches("http://");
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    let _ = c.read_to_string(&mut reply);
+    reply.lines().next().unwrap_or("").to_string()
+}
+
+/// Web pages are kept out: a POST must declare a JSON body (a form's "simple"
+/// content types need no CORS check in a browser), and on a loopback bind the Host
+/// header must name loopback or a host given with --allowed-host (DNS rebinding).
+#[test]
+fn browser_requests_from_other_sites_are_refused() {
+    let Some(m) = smollm2() else { return };
+    let s = Server::start(&m, &["--allowed-host", "box.lan"]);
+    let body = r#"{"content": "Hi"}"#;
+    let post = |host: &str, content_type: &str| {
+        raw_status(
+            &s,
+            &format!(
+                "POST /tokenize HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    assert!(post("127.0.0.1", "application/json").contains(" 200 "));
+    assert!(post("localhost:8080", "application/json; charset=utf-8").contains(" 200 "));
+    assert!(post("box.lan", "application/json").contains(" 200 "));
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ] {
+        assert!(post("127.0.0.1", ct).contains(" 415 "), "{ct}");
+    }
+    assert!(post("evil.example", "application/json").contains(" 403 "));
+    let get = |host: &str| {
+        raw_status(
+            &s,
+            &format!("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert!(get("127.0.0.1").contains(" 200 "));
+    assert!(get("rebound.evil.example:8080").contains(" 403 "));
+}
+
 /// The key can stay off the command line (where `ps` shows it): from $FASTKV_API_KEY or
 /// the first line of --api-key-file. An empty key, or two sources at once, are refused.
 #[test]

@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// command line the key shows in `ps`: prefer $FASTKV_API_KEY or --api-key-file.
     #[arg(long = "api-key", env = "FASTKV_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// On a loopback bind, also accept requests whose Host header names NAME
+    /// (repeatable); others are refused, which stops DNS-rebinding pages.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
     /// Read the API key from the first line of FILE.
     #[arg(long = "api-key-file", value_name = "FILE", conflicts_with = "api_key")]
     pub api_key_file: Option<PathBuf>,
@@ -67,6 +71,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         port: a.port,
         api_key: api_key.clone(),
         metrics: a.metrics,
+        allowed_hosts: a.allowed_hosts.clone(),
     })?;
     let loopback = listening.addr.ip().is_loopback();
     if !loopback && api_key.is_none() {

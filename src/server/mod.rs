@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// Serve `/metrics`.
     pub metrics: bool,
+    /// Host names accepted in the `Host` header besides loopback ones, when the
+    /// server listens on loopback (see [`guard_browsers`]).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// What the handlers need once the model is loaded.
@@ -74,6 +77,8 @@ pub struct Ready {
 }
 
 struct AppState {
+    /// Whether the server listens on a loopback address.
+    loopback: bool,
     cfg: ServerConfig,
     ready: OnceLock<Ready>,
     counters: Arc<Counters>,
@@ -119,6 +124,7 @@ pub fn listen(cfg: ServerConfig) -> Result<Listening> {
         .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr()?;
     let state = Arc::new(AppState {
+        loopback: addr.ip().is_loopback(),
         cfg,
         ready: OnceLock::new(),
         counters: Arc::new(Counters::default()),
@@ -149,11 +155,74 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard_browsers,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error while handling the request").into_response()
         }))
         .with_state(state)
+}
+
+/// Keep web pages out. A page in a browser can send a "simple" cross-site POST (a
+/// form's content types) without asking first, and a page on a domain that resolves
+/// to 127.0.0.1 (DNS rebinding) can even read the replies. So a POST must say its body
+/// is JSON (which makes a browser ask first, and this server answers no CORS
+/// requests), and on a loopback bind the `Host` header must name loopback or a host
+/// given with `--allowed-host`.
+async fn guard_browsers(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if app.loopback {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok());
+        if let Some(host) = host.filter(|h| !host_allowed(h, &app.cfg.allowed_hosts)) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                format!(
+                    "Host '{host}' is not allowed: this server listens on loopback; start it \
+                     with --allowed-host NAME to accept requests addressed to NAME"
+                ),
+            )
+            .into_response();
+        }
+    }
+    if req.method() == axum::http::Method::POST {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "send the body as JSON, with the header `Content-Type: application/json`",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether a `Host` header (name, optional port) names loopback or an allowed host.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [::1]:8080
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let loopback = name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback || allowed.iter().any(|a| a.eq_ignore_ascii_case(&name))
 }
 
 /// `--api-key`: every route but the health check and the page needs the key.
@@ -549,7 +618,34 @@ fn random_seed() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::key_matches;
+    use super::{host_allowed, key_matches};
+
+    #[test]
+    fn loopback_hosts_and_allowed_names_pass() {
+        let allowed = ["box.lan".to_string()];
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST.",
+            "app.localhost:1",
+            "127.0.0.1:8080",
+            "127.3.4.5",
+            "[::1]:8080",
+            "box.lan:8080",
+        ] {
+            assert!(host_allowed(ok, &allowed), "{ok}");
+        }
+        for bad in [
+            "evil.com",
+            "evil.com:8080",
+            "127.0.0.1.evil.com",
+            "[::2]:80",
+            "10.0.0.1",
+            "",
+        ] {
+            assert!(!host_allowed(bad, &allowed), "{bad}");
+        }
+    }
 
     #[test]
     fn only_the_whole_key_matches() {
