@@ -21,9 +21,9 @@ use crate::model::AttnInput;
 pub const GATE_BATCH: usize = 128;
 
 /// A forward call of this many tokens or more is scored directly rather than
-/// buffered: the gate weights are then read once per 32 tokens or fewer, and the
-/// buffer (n_embd floats per token and gated layer: 7 MiB for 100 SmolLM2 tokens)
-/// does not hold the short last chunk of a long prefill.
+/// buffered: the gate weights are still read only once per 32 tokens at most, and
+/// the buffer (n_embd floats per token and gated layer: 7 MiB for 100 SmolLM2
+/// tokens) never holds the short last chunk of a long prefill.
 const GATE_DIRECT: usize = 32;
 
 impl AttnInput for GateScorer {

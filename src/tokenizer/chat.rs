@@ -255,7 +255,6 @@ fn capitalize(s: &str) -> String {
     }
 }
 
-/// minijinja errors carry the template line; keep the whole chain readable.
 /// Template instructions one render may run (minijinja's fuel): a chat template
 /// spends a few hundred per message, so this is thousands of messages, and a
 /// template that loops without end stops in well under a second.
@@ -290,6 +289,7 @@ impl std::io::Write for CappedOutput {
     }
 }
 
+/// minijinja errors carry the template line; keep the whole chain readable.
 fn template_error(e: Error) -> TokenizerError {
     let mut msg = e.to_string();
     let mut source = std::error::Error::source(&e);

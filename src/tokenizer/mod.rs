@@ -7,9 +7,9 @@
 //! - `llama`: SentencePiece-style merges driven by token scores, with `<0xXX>` byte
 //!   fallback (Llama 2, Gemma...), see `spm.rs`.
 //!
-//! Encoding first cuts special tokens out of the text (llama.cpp's
-//! `tokenizer_st_partition`), tokenizes the text between them, and adds BOS/EOS as the
-//! metadata asks. Token attributes (control, user-defined, byte...) and the set of
+//! Encoding first cuts special tokens out of the text (the job of llama.cpp's
+//! `tokenizer_st_partition`, done in one pass: [`SpecialMatcher`]), tokenizes the
+//! text between them, and adds BOS/EOS as the metadata asks. Token attributes (control, user-defined, byte...) and the set of
 //! end-of-generation tokens follow llama.cpp's loader, including its name-based
 //! detection of tokens such as `<|im_end|>` and `<end_of_turn>`, because generation
 //! must stop exactly where llama.cpp's would.
@@ -22,8 +22,10 @@
 //! - per-model attribute tweaks keyed on `general.name` (Phi-3's rstrip, BERT masks)
 //!   are not applied;
 //! - a byte with no byte token in an SPM vocabulary becomes the unknown token (llama.cpp
-//!   throws), and special tokens of equal length are tried in id order (llama.cpp's
-//!   order among equal lengths is unspecified).
+//!   throws);
+//! - special tokens are matched leftmost-longest, where llama.cpp cuts them out one
+//!   after another, longest first: the two differ only where two different special
+//!   tokens partially overlap in a text.
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 
