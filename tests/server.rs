@@ -386,6 +386,95 @@ fn raw_status(s: &Server, request: &str) -> String {
     reply.lines().next().unwrap_or("").to_string()
 }
 
+/// Slow clients cannot hold the server: headers trickled in, a body that stalls and
+/// an idle kept-alive connection are all cut off after --timeout, and past
+/// --max-connections new connections wait for one to close.
+#[test]
+fn slow_clients_are_cut_off_and_connections_are_capped() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let Some(m) = smollm2() else { return };
+    let s = Server::start(&m, &["--timeout", "2", "--max-connections", "3"]);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let connect = || {
+        let c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        c
+    };
+    // Seconds until the server closes `c` (reading what it sends first).
+    let closed_after = |mut c: TcpStream, t0: Instant| {
+        let mut reply = String::new();
+        let _ = c.read_to_string(&mut reply);
+        (t0.elapsed(), reply)
+    };
+
+    // Headers a line every half second: cut off after about 2 s, never answered.
+    let mut c = connect();
+    let t0 = Instant::now();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
+    let trickle = {
+        let mut c = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for i in 0..20 {
+                std::thread::sleep(Duration::from_millis(500));
+                if c.write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
+    let (waited, reply) = closed_after(c, t0);
+    assert!(
+        waited < Duration::from_secs(6),
+        "slow headers held {waited:?}"
+    );
+    assert!(!reply.contains(" 200 "), "{reply}");
+    trickle.join().unwrap();
+
+    // A body that stops after 10 of its 100 bytes: 408 after about 2 s.
+    let mut c = connect();
+    let t0 = Instant::now();
+    c.write_all(
+        b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"content\"",
+    )
+    .unwrap();
+    let (waited, reply) = closed_after(c, t0);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(waited < Duration::from_secs(6), "{waited:?}");
+
+    // A kept-alive connection left idle after its request is closed.
+    let mut c = connect();
+    let t0 = Instant::now();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let (waited, reply) = closed_after(c, t0);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        waited < Duration::from_secs(6),
+        "idle connection held {waited:?}"
+    );
+
+    // Three silent connections fill the cap: a fourth is served only once the
+    // deadline has closed them.
+    let silent: Vec<TcpStream> = (0..3).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    assert_eq!(s.get("/health").0, 200);
+    let waited = t0.elapsed();
+    assert!(
+        waited > Duration::from_millis(1000) && waited < Duration::from_secs(8),
+        "/health past the cap took {waited:?}"
+    );
+    drop(silent);
+    let t0 = Instant::now();
+    assert_eq!(s.get("/health").0, 200);
+    assert!(t0.elapsed() < Duration::from_millis(500));
+}
+
 /// Web pages are kept out: a POST must declare a JSON body (a form's "simple"
 /// content types need no CORS check in a browser), and on a loopback bind the Host
 /// header must name loopback or a host given with --allowed-host (DNS rebinding).

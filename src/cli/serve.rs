@@ -45,6 +45,13 @@ pub struct ServeArgs {
     /// (repeatable); others are refused, which stops DNS-rebinding pages.
     #[arg(long = "allowed-host", value_name = "NAME")]
     pub allowed_hosts: Vec<String>,
+    /// Seconds a client may take to send a request's headers, and its body (408
+    /// after that); a connection idle this long between requests is closed.
+    #[arg(long = "timeout", default_value_t = 60, value_name = "SECONDS")]
+    pub timeout: u64,
+    /// Connections open at once; more wait to be accepted.
+    #[arg(long = "max-connections", default_value_t = 256, value_name = "N")]
+    pub max_connections: usize,
     /// Read the API key from the first line of FILE.
     #[arg(long = "api-key-file", value_name = "FILE", conflicts_with = "api_key")]
     pub api_key_file: Option<PathBuf>,
@@ -66,12 +73,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let seed = 0;
     a.kv.config(seed)?;
     let api_key = api_key(&a)?;
+    if a.timeout == 0 || a.max_connections == 0 {
+        bail!("--timeout and --max-connections must be at least 1");
+    }
     let listening = server::listen(ServerConfig {
         host: a.host.clone(),
         port: a.port,
         api_key: api_key.clone(),
         metrics: a.metrics,
         allowed_hosts: a.allowed_hosts.clone(),
+        timeout: std::time::Duration::from_secs(a.timeout),
+        max_connections: a.max_connections,
     })?;
     let loopback = listening.addr.ip().is_loopback();
     if !loopback && api_key.is_none() {

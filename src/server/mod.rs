@@ -6,6 +6,7 @@
 //! a parallel loop started from elsewhere pays a scheduler round trip per product.
 pub mod api;
 pub mod engine;
+mod http;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -58,6 +59,10 @@ pub struct ServerConfig {
     /// Host names accepted in the `Host` header besides loopback ones, when the
     /// server listens on loopback (see [`guard_browsers`]).
     pub allowed_hosts: Vec<String>,
+    /// The most a client may take to send a request's head, and its body.
+    pub timeout: std::time::Duration,
+    /// Connections open at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 /// What the handlers need once the model is loaded.
@@ -123,6 +128,10 @@ pub fn listen(cfg: ServerConfig) -> Result<Listening> {
         .block_on(tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port)))
         .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr()?;
+    let limits = http::Limits {
+        timeout: cfg.timeout,
+        max_connections: cfg.max_connections,
+    };
     let state = Arc::new(AppState {
         loopback: addr.ip().is_loopback(),
         cfg,
@@ -131,11 +140,7 @@ pub fn listen(cfg: ServerConfig) -> Result<Listening> {
         next_id: AtomicU64::new(1),
     });
     let app = router(state.clone());
-    runtime.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            eprintln!("error: the HTTP server stopped: {e}");
-        }
-    });
+    runtime.spawn(http::serve(listener, app, limits));
     Ok(Listening {
         state,
         addr,
@@ -154,6 +159,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), body_in_time))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -207,6 +213,46 @@ async fn guard_browsers(State(app): State<Arc<AppState>>, req: Request, next: Ne
         }
     }
     next.run(req).await
+}
+
+/// Read the request's body within `--timeout`: a client that sends it a byte at a
+/// time is answered 408 instead of holding its connection and handler. The body is
+/// then handed on whole.
+async fn body_in_time(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
+    match tokio::time::timeout(app.cfg.timeout, read).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) => {
+            let too_large =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| e.to_string().contains("length limit exceeded"));
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!("request body larger than {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+            .into_response()
+        }
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {} s",
+                app.cfg.timeout.as_secs_f64()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// Whether a `Host` header (name, optional port) names loopback or an allowed host.
