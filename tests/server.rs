@@ -475,6 +475,41 @@ fn slow_clients_are_cut_off_and_connections_are_capped() {
     assert!(t0.elapsed() < Duration::from_millis(500));
 }
 
+/// Slots are shared, so by default no response says how much of its prompt was
+/// found in a slot's cache (that would tell one client what another sent); with
+/// --report-cache-hits it does.
+#[test]
+fn cache_hits_are_reported_only_when_asked() {
+    let Some(m) = smollm2() else { return };
+    let long = "The lighthouse keeper wrote in his log every night. ".repeat(20);
+    let body = json!({
+        "messages": [
+            {"role": "system", "content": long},
+            {"role": "user", "content": "What did he write in?"},
+        ],
+        "max_tokens": 2,
+        "temperature": 0,
+    })
+    .to_string();
+    let cached = |s: &Server| {
+        let (status, text) = s.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let n = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(v["timings"]["cache_n"].as_u64(), Some(n), "{v}");
+        let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert_eq!(v["timings"]["prompt_n"].as_u64(), Some(prompt - n), "{v}");
+        n
+    };
+    let private = Server::start(&m, &[]);
+    assert_eq!((cached(&private), cached(&private)), (0, 0));
+    let open = Server::start(&m, &["--report-cache-hits"]);
+    assert_eq!(cached(&open), 0);
+    assert!(cached(&open) > 100, "the repeated prompt was reused");
+}
+
 /// Web pages are kept out: a POST must declare a JSON body (a form's "simple"
 /// content types need no CORS check in a browser), and on a loopback bind the Host
 /// header must name loopback or a host given with --allowed-host (DNS rebinding).
@@ -679,6 +714,7 @@ fn the_openai_package_talks_to_the_server_and_documents_are_reused() {
             "--kv-keep",
             "0.3",
             "--metrics",
+            "--report-cache-hits",
         ],
     );
     let script = "tests/server/openai_client.py";

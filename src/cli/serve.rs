@@ -52,6 +52,11 @@ pub struct ServeArgs {
     /// Connections open at once; more wait to be accepted.
     #[arg(long = "max-connections", default_value_t = 256, value_name = "N")]
     pub max_connections: usize,
+    /// Say in responses how many prompt tokens were reused from a slot's cache
+    /// (usage.prompt_tokens_details.cached_tokens, timings.cache_n). Off by default:
+    /// slots are shared, so the count would tell one client about another's prompts.
+    #[arg(long = "report-cache-hits")]
+    pub report_cache_hits: bool,
     /// Read the API key from the first line of FILE.
     #[arg(long = "api-key-file", value_name = "FILE", conflicts_with = "api_key")]
     pub api_key_file: Option<PathBuf>,
@@ -129,6 +134,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         n_predict,
         listening.counters(),
     );
+    engine.report_cache_hits(a.report_cache_hits);
     engine.run(inbox);
     Ok(())
 }

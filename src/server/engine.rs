@@ -119,6 +119,9 @@ pub struct Engine<'m, 't> {
     /// Default for requests that set no max_tokens.
     n_predict: Option<usize>,
     clock: u64,
+    /// Whether responses say how much of the prompt was reused from a slot's cache
+    /// (see [`Engine::report_cache_hits`]).
+    report_cached: bool,
 }
 
 impl<'m, 't> Engine<'m, 't> {
@@ -144,7 +147,16 @@ impl<'m, 't> Engine<'m, 't> {
             new_session,
             n_predict,
             clock: 0,
+            report_cached: false,
         }
+    }
+
+    /// Report prompt tokens reused from a slot's cache in `usage` and `timings`. Off
+    /// by default: slots are shared, so the count tells a client how much of its
+    /// prompt matched what another client sent before (responses then read as if
+    /// nothing was reused; the time a prefill takes still shows it, more noisily).
+    pub fn report_cache_hits(&mut self, on: bool) {
+        self.report_cached = on;
     }
 
     /// Serve jobs until every sender of `jobs` is gone.
@@ -248,16 +260,17 @@ impl<'m, 't> Engine<'m, 't> {
         for &t in prompt {
             sampler.accept(t);
         }
+        let shown = if self.report_cached { cached } else { 0 };
         let usage = Usage {
             prompt_tokens: prompt.len(),
             prompt_tokens_details: super::api::PromptDetails {
-                cached_tokens: cached,
+                cached_tokens: shown,
             },
             ..Usage::default()
         };
         let timings = Timings {
-            prompt_n: prompt.len() - cached,
-            cache_n: cached,
+            prompt_n: prompt.len() - shown,
+            cache_n: shown,
             ..Timings::default()
         };
         self.slots[i].active = Some(Active {
