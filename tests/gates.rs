@@ -189,20 +189,11 @@ fn train_gates_end_to_end_on_a_tiny_model() {
 /// refused at once, with a message.
 #[test]
 fn hostile_gate_metadata_is_refused_before_use() {
-    use fastkv::gate::{GateMeta, LayerGate};
     let dir = tempfile::tempdir().unwrap();
     let path = tiny(dir.path(), 3);
     let m = Model::load(&path).unwrap();
-    let meta = GateMeta::for_model(&m, &path);
-    let shape = meta.shape;
-    let layers = gated_layers(&m)
-        .into_iter()
-        .map(|il| (il, LayerGate::init(&shape, il as u64)))
-        .collect();
     let good = dir.path().join("good.gates.gguf");
-    Gates::new(meta, m.config.n_layer, layers)
-        .save(&good)
-        .unwrap();
+    untrained_gates(&m, &path).save(&good).unwrap();
     let bytes = std::fs::read(&good).unwrap();
     // A u64 metadata value: the key, its type (u32 10 = UINT64), then 8 bytes.
     let patched = |key: &str, value: u64| {
@@ -240,6 +231,18 @@ fn hostile_gate_metadata_is_refused_before_use() {
         );
     }
     assert!(Gates::load(&good, &m).is_ok());
+}
+
+/// Gates at the spec's initialisation (seeded by layer) for `m`, loaded from `path`.
+fn untrained_gates(m: &Model, path: &Path) -> Gates {
+    use fastkv::gate::{GateMeta, LayerGate};
+    let meta = GateMeta::for_model(m, path);
+    let shape = meta.shape;
+    let layers = gated_layers(m)
+        .into_iter()
+        .map(|il| (il, LayerGate::init(&shape, il as u64)))
+        .collect();
+    Gates::new(meta, m.config.n_layer, layers)
 }
 
 /// `fastkv run` of one token with `model` and `extra` flags.
@@ -392,17 +395,10 @@ fn gated_eviction_in_prefill_and_decode() {
 /// input), and the buffered scores land on the right pairs.
 #[test]
 fn buffered_decode_scores_equal_prefill_scores() {
-    use fastkv::gate::{GateMeta, LayerGate};
     let dir = tempfile::tempdir().unwrap();
     let path = tiny(dir.path(), 3);
     let m = Model::load(&path).unwrap();
-    let meta = GateMeta::for_model(&m, &path);
-    let shape = meta.shape;
-    let layers = gated_layers(&m)
-        .into_iter()
-        .map(|il| (il, LayerGate::init(&shape, il as u64)))
-        .collect();
-    let gates = std::sync::Arc::new(Gates::new(meta, m.config.n_layer, layers));
+    let gates = std::sync::Arc::new(untrained_gates(&m, &path));
     let tokens: Vec<u32> = (0..300).map(|i| (i * 37 % 250) as u32).collect();
     let session = || {
         let mut s = Session::new(&m, 1024);

@@ -597,9 +597,7 @@ impl Tokenizer {
     /// BOS is added where the model wants it unless the template wrote it already
     /// (a second one would change the model's input).
     pub fn encode_chat(&self, rendered: &str) -> Vec<u32> {
-        let bos_text = self.bos.and_then(|b| self.token_text(b));
-        let writes_bos = bos_text.is_some_and(|b| rendered.starts_with(b));
-        self.encode(rendered, !writes_bos, true)
+        self.encode_chat_content(rendered, &[])
     }
 
     /// Token ids of `text`, as `llama_tokenize`. `add_special` adds BOS/EOS where the
@@ -613,7 +611,7 @@ impl Tokenizer {
     /// `content` (sorted, disjoint, on character boundaries) are message content:
     /// there, control tokens stay text, as with `parse_special = false`, so that a
     /// message cannot write the template's markup (`<|im_end|><|im_start|>system`).
-    /// Text that holds no control token encodes exactly as `encode_chat` does.
+    /// Without `content` ranges this is `encode_chat`.
     pub fn encode_chat_content(&self, rendered: &str, content: &[Range<usize>]) -> Vec<u32> {
         let mut fragments = Vec::new();
         let mut pos = 0;
