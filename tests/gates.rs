@@ -233,6 +233,60 @@ fn hostile_gate_metadata_is_refused_before_use() {
     assert!(Gates::load(&good, &m).is_ok());
 }
 
+/// Found by fuzzing (fuzz/fuzz_targets/gate_file.rs): gate weights are checked to be
+/// finite when read (NaN weights once loaded and scored every pair NaN), and a score
+/// that overflows with extreme but finite weights keeps its pair instead of being NaN.
+#[test]
+fn non_finite_gate_weights_are_refused_and_scores_stay_in_range() {
+    use fastkv::gate::{GateMeta, LayerGate};
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), 4);
+    let m = Model::load(&path).unwrap();
+    let meta = GateMeta::for_model(&m, &path);
+    let shape = meta.shape;
+    let gates_with = |edit: &dyn Fn(&mut LayerGate)| {
+        let layers = gated_layers(&m)
+            .into_iter()
+            .map(|il| {
+                let mut g = LayerGate::init(&shape, il as u64);
+                edit(&mut g);
+                (il, g)
+            })
+            .collect();
+        Gates::new(meta.clone(), m.config.n_layer, layers)
+    };
+    let file = dir.path().join("g.gates.gguf");
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        gates_with(&|g| g.sink[3] = bad).save(&file).unwrap();
+        let err = match Gates::load(&file, &m) {
+            Ok(_) => panic!("gate weights of {bad} were accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("NaN or infinite"), "{bad}: {err}");
+        assert!(Gates::open(&file).is_err());
+    }
+    // Weights of 1e30 overflow every product to infinity (and infinity - infinity
+    // to NaN): the scores still lie in [0, 1].
+    gates_with(&|g| {
+        g.tensors_mut()
+            .into_iter()
+            .flatten()
+            .for_each(|v| *v = 1e30)
+    })
+    .save(&file)
+    .unwrap();
+    let gates = Gates::load(&file, &m).unwrap();
+    let x = vec![1e20f32; 3 * shape.n_embd];
+    for (il, layer) in gates.gated() {
+        let mut out = vec![0f32; 3 * shape.n_head_kv];
+        layer.score(&shape, &x, &mut out);
+        assert!(
+            out.iter().all(|p| (0.0..=1.0).contains(p)),
+            "layer {il}: {out:?}"
+        );
+    }
+}
+
 /// Gates at the spec's initialisation (seeded by layer) for `m`, loaded from `path`.
 fn untrained_gates(m: &Model, path: &Path) -> Gates {
     use fastkv::gate::{GateMeta, LayerGate};

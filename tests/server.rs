@@ -446,6 +446,19 @@ fn slow_clients_are_cut_off_and_connections_are_capped() {
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(waited < Duration::from_secs(6), "{waited:?}");
 
+    // A body announced larger than the limit: 413 at once, before any of it is read
+    // (not 408 after waiting for 100 MB that never come).
+    let mut c = connect();
+    let t0 = Instant::now();
+    c.write_all(
+        b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+          Content-Length: 100000000\r\n\r\n{\"content\"",
+    )
+    .unwrap();
+    let (waited, reply) = closed_after(c, t0);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+
     // A kept-alive connection left idle after its request is closed.
     let mut c = connect();
     let t0 = Instant::now();
@@ -758,6 +771,89 @@ fn load_test_with_8_streaming_clients_on_4_slots() {
     assert_eq!(report["rss"]["bounded"], true);
     // 8 clients on 4 slots with 2 places in the queue: some are refused.
     assert!(report["requests_rejected_503"].as_u64().unwrap() > 0);
+}
+
+/// Well-behaved streaming clients beside slow ones (1 byte/s headers, body and
+/// reads), clients that drop mid-stream and mid-document-compression, oversized and
+/// malformed bodies and prompts past the context (benches/fault_test.py): every
+/// well-behaved request completes, each fault gets its answer, /health answers within
+/// 100 ms throughout, every slot is free afterwards and the RSS comes back.
+#[test]
+fn faults_leave_the_server_responsive_and_memory_at_baseline() {
+    let Some(m) = smollm2() else { return };
+    // The documents to compress come from wiki.test.raw.
+    let Some(wiki) = common::wiki_text() else {
+        return;
+    };
+    let s = Server::start(
+        &m,
+        &[
+            "-c",
+            "2048",
+            "-np",
+            "4",
+            "--kv-policy",
+            "snapkv",
+            "--kv-keep",
+            "0.5",
+            "--timeout",
+            "5",
+        ],
+    );
+    let pid = s.child.id().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("doc.txt");
+    let mut start = wiki.len() / 2;
+    while !wiki.is_char_boundary(start) {
+        start += 1;
+    }
+    std::fs::write(&doc, &wiki[start..start + 20_000.min(wiki.len() - start)]).unwrap();
+    let out = dir.path().join("fault.json");
+    run_script(
+        "python3",
+        &[
+            "benches/fault_test.py",
+            "--base-url",
+            &s.base,
+            "--server-pid",
+            &pid,
+            "--slots",
+            "4",
+            "--context",
+            "2048",
+            "--server-timeout",
+            "5",
+            "--document-file",
+            doc.to_str().unwrap(),
+            "--duration",
+            "30",
+            "--check",
+            "--json",
+            out.to_str().unwrap(),
+        ],
+    );
+    // --check already failed the run on any problem; the figures agree.
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(report["well_behaved"]["failed"], 0);
+    assert!(report["well_behaved"]["ok"].as_u64().unwrap() >= 4);
+    assert_eq!(report["health"]["over_limit_or_failed"], 0);
+    assert_eq!(report["slots_free_after"], true);
+    assert_eq!(report["rss"]["back_to_baseline"], true);
+    for scenario in [
+        "slow headers (1 byte/s)",
+        "slow body (1 byte/s)",
+        "slow reader (1 byte/s), dropped",
+        "disconnect mid-stream",
+        "disconnect mid-document-compression",
+        "oversized body (100 MB announced)",
+        "oversized body (9 MiB sent, chunked)",
+        "malformed body",
+        "prompt past the context",
+    ] {
+        let f = &report["faults"][scenario];
+        assert!(f["ok"].as_u64().unwrap_or(0) >= 1, "{scenario}: {f}");
+        assert_eq!(f["failed"], 0, "{scenario}: {f}");
+    }
 }
 
 #[test]

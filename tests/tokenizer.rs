@@ -233,6 +233,29 @@ fn tricky_strings_match_llama_cpp() {
     }
 }
 
+/// Found by fuzzing (fuzz/fuzz_targets/tokenizer.rs): SmolLM2's vocabulary has no
+/// token for the bytes 0x04, 0x06, 0x13, 0x14, 0x16 and 0x1D, so byte-level BPE cannot
+/// spell them. llama.cpp drops such a byte (llm_tokenizer_bpe_session); so do we, and
+/// nothing else of the text is lost.
+#[test]
+fn bytes_the_vocabulary_cannot_spell_are_dropped_as_llama_cpp_does() {
+    let Some(pair) = smollm2() else {
+        return common::skip("SmolLM2 is not fetched");
+    };
+    let text = "a\u{4}b\u{6}\u{13}c\u{14}\u{16}\u{1d}d \u{4}\u{4} é\u{4}";
+    for add_special in [true, false] {
+        for parse_special in [true, false] {
+            pair.assert_same_ids(text, add_special, parse_special);
+        }
+    }
+    let ids = pair.ours.encode(text, false, false);
+    let kept: String = text
+        .chars()
+        .filter(|c| !"\u{4}\u{6}\u{13}\u{14}\u{16}\u{1d}".contains(*c))
+        .collect();
+    assert_eq!(pair.ours.decode(&ids, true), kept);
+}
+
 /// Pieces random strings are built from: things that stress word splitting, merges,
 /// byte fallback and special-token matching, including partial special tokens.
 const FUZZ_PIECES: &[&str] = &[

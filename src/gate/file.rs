@@ -286,6 +286,9 @@ impl Gates {
                 }
                 let mut out = vec![0f32; t.info.n_elements()];
                 t.info.ty.to_f32(t.data, &mut out);
+                if out.iter().any(|v| !v.is_finite()) {
+                    return Err(not(format!("tensor {name} holds NaN or infinite values")));
+                }
                 Ok(out)
             };
             let mut w = read("gate_q.weight", &[s.n_embd, qr])?;

@@ -211,7 +211,13 @@ impl LayerGate {
                 {
                     for (h, oh) in o.iter_mut().enumerate() {
                         self.head_forward(s, h, row, &mut f);
-                        *oh = f.score();
+                        // A score that overflowed to NaN (only extreme weights or
+                        // activations get there) keeps the pair: never evict on a
+                        // number that means nothing.
+                        *oh = match f.score() {
+                            p if p.is_nan() => 1.0,
+                            p => p,
+                        };
                     }
                 }
             });

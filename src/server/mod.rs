@@ -220,6 +220,15 @@ async fn guard_browsers(State(app): State<Arc<AppState>>, req: Request, next: Ne
 /// then handed on whole.
 async fn body_in_time(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
+    // A body announced larger than the limit is refused before any of it is read
+    // (reading would wait for bytes that need never come).
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large().into_response();
+    }
     let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
     match tokio::time::timeout(app.cfg.timeout, read).await {
         Ok(Ok(bytes)) => {
@@ -233,11 +242,7 @@ async fn body_in_time(State(app): State<Arc<AppState>>, req: Request, next: Next
                 })
                 .any(|e| e.to_string().contains("length limit exceeded"));
             if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    format!("request body larger than {MAX_BODY_BYTES} bytes"),
-                )
+                self::too_large()
             } else {
                 ApiError::bad_request(format!("cannot read the request body: {e}"))
             }
@@ -253,6 +258,15 @@ async fn body_in_time(State(app): State<Arc<AppState>>, req: Request, next: Next
         )
         .into_response(),
     }
+}
+
+/// The answer to a body over [`MAX_BODY_BYTES`].
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        format!("request body larger than {MAX_BODY_BYTES} bytes"),
+    )
 }
 
 /// Whether a `Host` header (name, optional port) names loopback or an allowed host.
@@ -334,14 +348,9 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
 
 /// A body, or the OpenAI-style error for one that could not be read (too large).
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        let status = e.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("request body larger than {MAX_BODY_BYTES} bytes")
-        } else {
-            e.body_text()
-        };
-        ApiError::new(status, "invalid_request_error", message)
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(),
+        status => ApiError::new(status, "invalid_request_error", e.body_text()),
     })
 }
 
