@@ -12,8 +12,6 @@ use fastkv::server::api::{
 };
 use libfuzzer_sys::fuzz_target;
 
-const MODEL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
-
 fn sample_once(params: fastkv::sampling::SamplerParams) {
     let mut sampler = Sampler::new(params);
     let mut logits: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32 / 10.0).collect();
@@ -38,7 +36,7 @@ fuzz_target!(init: {
             let Ok(req) = parse_body::<ChatRequest>(body) else {
                 return;
             };
-            let Ok(params) = req.common.validate(MODEL_ID, 42) else {
+            let Ok(params) = req.common.validate(42) else {
                 return;
             };
             let Ok(messages) = req.chat_messages() else {
@@ -55,7 +53,7 @@ fuzz_target!(init: {
             let Ok(req) = parse_body::<CompletionRequest>(body) else {
                 return;
             };
-            let Ok(params) = req.common.validate(MODEL_ID, 42) else {
+            let Ok(params) = req.common.validate(42) else {
                 return;
             };
             if let Ok(prompt) = req.prompt_text() {

@@ -62,13 +62,18 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// GGUF model file (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
-    #[arg(short = 'm', long = "model")]
+    #[arg(short = 'm', long = "model", env = "FASTKV_ARG_MODEL")]
     pub model: Option<PathBuf>,
     /// Number of threads (default: all cores).
-    #[arg(short = 't', long = "threads")]
+    #[arg(short = 't', long = "threads", env = "FASTKV_ARG_THREADS")]
     pub threads: Option<usize>,
     /// Context size in tokens (0 = the model's training context).
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    #[arg(
+        short = 'c',
+        long = "ctx-size",
+        default_value_t = 4096,
+        env = "FASTKV_ARG_CTX_SIZE"
+    )]
     pub ctx_size: usize,
 }
 
@@ -78,30 +83,34 @@ pub struct KvArgs {
     /// KV eviction policy: full, streaming, h2o, snapkv, kvzip, gated, random
     /// [default: when --kv-keep or --kv-budget is given, gated where gates for the
     /// model are found (or named by --gates), else snapkv; without them, full].
-    #[arg(long = "kv-policy")]
+    #[arg(long = "kv-policy", env = "FASTKV_ARG_KV_POLICY")]
     pub policy: Option<String>,
     /// Fast KVzip gate file for --kv-policy gated [default: the *.gates.gguf trained
     /// for this model in the model's directory or models/].
-    #[arg(long = "gates")]
+    #[arg(long = "gates", env = "FASTKV_ARG_GATES")]
     pub gates: Option<PathBuf>,
     /// Fraction of a context's KV pairs to keep, 0 < r <= 1
     /// [default: 0.3 with a policy other than full, else 1].
-    #[arg(long = "kv-keep")]
+    #[arg(long = "kv-keep", env = "FASTKV_ARG_KV_KEEP")]
     pub keep: Option<f64>,
     /// Decode budget: KV pairs per (layer, KV head) on average; evicts every 128 tokens.
-    #[arg(long = "kv-budget")]
+    #[arg(long = "kv-budget", env = "FASTKV_ARG_KV_BUDGET")]
     pub budget: Option<usize>,
     /// Recent tokens of a context kept whole [default: 4096 for a context of 16000
     /// tokens or more, else 2% of it or a quarter of what is kept, the larger].
-    #[arg(long = "kv-window")]
+    #[arg(long = "kv-window", env = "FASTKV_ARG_KV_WINDOW")]
     pub window: Option<usize>,
     /// Where the keep ratio applies: global (one threshold, non-uniform heads), layer,
     /// head, auto (global, or layer where fewer than 8 layers are evicted)
     /// [default: head for snapkv, auto for gated and kvzip, else global].
-    #[arg(long = "kv-level")]
+    #[arg(long = "kv-level", env = "FASTKV_ARG_KV_LEVEL")]
     pub level: Option<String>,
     /// Tokens per prefill step; eviction runs after each.
-    #[arg(long = "prefill-chunk", default_value_t = crate::session::DEFAULT_PREFILL_CHUNK)]
+    #[arg(
+        long = "prefill-chunk",
+        default_value_t = crate::session::DEFAULT_PREFILL_CHUNK,
+        env = "FASTKV_ARG_PREFILL_CHUNK"
+    )]
     pub prefill_chunk: usize,
 }
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use clap::builder::BoolishValueParser;
 use clap::Args;
 
 use super::{KvArgs, ModelArgs};
@@ -17,24 +18,25 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub kv: KvArgs,
     /// Address to listen on (loopback unless told otherwise).
-    #[arg(long = "host", default_value = "127.0.0.1")]
+    #[arg(long = "host", default_value = "127.0.0.1", env = "FASTKV_ARG_HOST")]
     pub host: String,
     /// Port to listen on (0: any free port; the address is printed).
-    #[arg(long = "port", default_value_t = 8080)]
+    #[arg(long = "port", default_value_t = 8080, env = "FASTKV_ARG_PORT")]
     pub port: u16,
     /// Conversations served at once (also `-np`, as in llama-server); each slot
     /// keeps its own KV cache of up to -c tokens between requests.
-    #[arg(long = "parallel", default_value_t = 1)]
+    #[arg(long = "parallel", default_value_t = 1, env = "FASTKV_ARG_PARALLEL")]
     pub parallel: usize,
     /// Requests that may wait for a free slot; more are refused with 503.
-    #[arg(long = "max-queue", default_value_t = 8)]
+    #[arg(long = "max-queue", default_value_t = 8, env = "FASTKV_ARG_MAX_QUEUE")]
     pub max_queue: usize,
     /// Most tokens per reply when a request sets no max_tokens (-1: until the end of
     /// generation or a full context).
     #[arg(
         long = "n-predict",
         default_value_t = 1024,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        env = "FASTKV_ARG_N_PREDICT"
     )]
     pub n_predict: i64,
     /// Require `Authorization: Bearer KEY` on every route but /health and /. On the
@@ -42,26 +44,52 @@ pub struct ServeArgs {
     #[arg(long = "api-key", env = "FASTKV_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// On a loopback bind, also accept requests whose Host header names NAME
-    /// (repeatable); others are refused, which stops DNS-rebinding pages.
-    #[arg(long = "allowed-host", value_name = "NAME")]
+    /// (repeatable, or comma-separated); others are refused, which stops DNS-rebinding
+    /// pages.
+    #[arg(
+        long = "allowed-host",
+        value_name = "NAME",
+        env = "FASTKV_ARG_ALLOWED_HOST",
+        value_delimiter = ','
+    )]
     pub allowed_hosts: Vec<String>,
     /// Seconds a client may take to send a request's headers, and its body (408
     /// after that); a connection idle this long between requests is closed.
-    #[arg(long = "timeout", default_value_t = 60, value_name = "SECONDS")]
+    #[arg(
+        long = "timeout",
+        default_value_t = 60,
+        value_name = "SECONDS",
+        env = "FASTKV_ARG_TIMEOUT"
+    )]
     pub timeout: u64,
     /// Connections open at once; more wait to be accepted.
-    #[arg(long = "max-connections", default_value_t = 256, value_name = "N")]
+    #[arg(
+        long = "max-connections",
+        default_value_t = 256,
+        value_name = "N",
+        env = "FASTKV_ARG_MAX_CONNECTIONS"
+    )]
     pub max_connections: usize,
     /// Say in responses how many prompt tokens were reused from a slot's cache
     /// (usage.prompt_tokens_details.cached_tokens, timings.cache_n). Off by default:
     /// slots are shared, so the count would tell one client about another's prompts.
-    #[arg(long = "report-cache-hits")]
+    #[arg(long = "report-cache-hits", env = "FASTKV_ARG_REPORT_CACHE_HITS", value_parser = BoolishValueParser::new())]
     pub report_cache_hits: bool,
     /// Read the API key from the first line of FILE.
-    #[arg(long = "api-key-file", value_name = "FILE", conflicts_with = "api_key")]
+    #[arg(
+        long = "api-key-file",
+        value_name = "FILE",
+        conflicts_with = "api_key",
+        env = "FASTKV_ARG_API_KEY_FILE"
+    )]
     pub api_key_file: Option<PathBuf>,
-    /// Serve Prometheus metrics at /metrics.
-    #[arg(long = "metrics")]
+    /// The model's name in /v1/models and in responses [default: the file name
+    /// without .gguf]. Requests may name any model: the one served answers.
+    #[arg(long = "alias", value_name = "NAME", env = "FASTKV_ARG_ALIAS")]
+    pub alias: Option<String>,
+    /// Serve Prometheus metrics at /metrics. (Switches read from the environment take
+    /// 1/0, true/false, yes/no or on/off.)
+    #[arg(long = "metrics", env = "FASTKV_ARG_METRICS", value_parser = BoolishValueParser::new())]
     pub metrics: bool,
 }
 
@@ -107,10 +135,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let compress = proto.eviction().is_active();
     let (jobs, inbox) = std::sync::mpsc::channel();
     let tokenizer = l.tokenizer.clone();
-    let model_id = l
-        .path
-        .file_stem()
-        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let model_id = a.alias.clone().unwrap_or_else(|| {
+        l.path
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+    });
     listening.set_ready(Ready {
         tokenizer: tokenizer.clone(),
         template,

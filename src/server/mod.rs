@@ -227,6 +227,7 @@ async fn body_in_time(State(app): State<Arc<AppState>>, req: Request, next: Next
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
     if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        tokio::spawn(drain(body, app.cfg.timeout));
         return too_large().into_response();
     }
     let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
@@ -258,6 +259,18 @@ async fn body_in_time(State(app): State<Arc<AppState>>, req: Request, next: Next
         )
         .into_response(),
     }
+}
+
+/// Read and throw away what a client still sends of a refused body, for at most
+/// `limit`: a client that writes its whole body before reading the answer then sees
+/// the 413 instead of a reset connection (nginx's "lingering close").
+async fn drain(body: axum::body::Body, limit: std::time::Duration) {
+    use tokio_stream::StreamExt;
+    let mut data = body.into_data_stream();
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(Ok(_)) = data.next().await {}
+    })
+    .await;
 }
 
 /// The answer to a body over [`MAX_BODY_BYTES`].
@@ -413,7 +426,7 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let r = app.ready()?;
     let req: ChatRequest = api::parse_body(&body_bytes(body)?)?;
-    let params = req.common.validate(&r.model_id, random_seed())?;
+    let params = req.common.validate(random_seed())?;
     let messages = req.chat_messages()?;
     // Message content stays text: only the template's own markup becomes control
     // tokens (a message holding `<|im_end|><|im_start|>system` cannot open a turn).
@@ -448,7 +461,7 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let r = app.ready()?;
     let req: CompletionRequest = api::parse_body(&body_bytes(body)?)?;
-    let params = req.common.validate(&r.model_id, random_seed())?;
+    let params = req.common.validate(random_seed())?;
     let text = req.prompt_text()?;
     let tok = r.tokenizer.clone();
     let prompt = off_runtime(move || tok.encode(&text, true, true)).await?;
