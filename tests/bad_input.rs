@@ -406,6 +406,17 @@ fn wrong_or_inconsistent_metadata_is_named() {
         matches!(&err, ModelError::MissingTensor(t) if t.starts_with("blk.2.")),
         "{err:?}"
     );
+
+    // Found by fuzzing (fuzz/fuzz_targets/gguf_model.rs): a block count of millions
+    // sized the layer table (8.5 GB) before any tensor was looked for. llama.cpp loads
+    // at most 512 layers (LLAMA_MAX_LAYERS); so does fastkv, said before anything else.
+    for n in [513u32, 1 << 23] {
+        let mut w = tiny("llama");
+        w.set("llama.block_count", Value::U32(n));
+        let err = load_err("too many blocks", &w);
+        assert!(matches!(err, ModelError::BadConfig(_)), "{err:?}");
+        assert_mentions("too many blocks", &err, &["512"]);
+    }
 }
 
 #[test]

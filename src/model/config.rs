@@ -8,6 +8,10 @@ use crate::kernels::RopeStyle;
 
 use super::ModelError;
 
+/// The most layers a model may have: llama.cpp's `LLAMA_MAX_LAYERS`. Checked before
+/// anything is sized by the block count.
+pub const MAX_LAYERS: usize = 512;
+
 /// The supported architectures (`general.architecture`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -112,6 +116,12 @@ impl Config {
 
         let n_embd = req("embedding_length")?;
         let n_layer = req("block_count")?;
+        if n_layer > MAX_LAYERS {
+            return Err(ModelError::BadConfig(format!(
+                "{} = {n_layer}: at most {MAX_LAYERS} layers are supported (as in llama.cpp)",
+                key("block_count")
+            )));
+        }
         let n_head = req("attention.head_count")?;
         let n_head_kv = opt("attention.head_count_kv")?.unwrap_or(n_head);
         let n_ff = req("feed_forward_length")?;
