@@ -73,7 +73,11 @@ pub struct ServeArgs {
     /// Say in responses how many prompt tokens were reused from a slot's cache
     /// (usage.prompt_tokens_details.cached_tokens, timings.cache_n). Off by default:
     /// slots are shared, so the count would tell one client about another's prompts.
-    #[arg(long = "report-cache-hits", env = "FASTKV_ARG_REPORT_CACHE_HITS", value_parser = BoolishValueParser::new())]
+    #[arg(
+        long = "report-cache-hits",
+        env = "FASTKV_ARG_REPORT_CACHE_HITS",
+        value_parser = BoolishValueParser::new()
+    )]
     pub report_cache_hits: bool,
     /// Read the API key from the first line of FILE.
     #[arg(
@@ -89,7 +93,11 @@ pub struct ServeArgs {
     pub alias: Option<String>,
     /// Serve Prometheus metrics at /metrics. (Switches read from the environment take
     /// 1/0, true/false, yes/no or on/off.)
-    #[arg(long = "metrics", env = "FASTKV_ARG_METRICS", value_parser = BoolishValueParser::new())]
+    #[arg(
+        long = "metrics",
+        env = "FASTKV_ARG_METRICS",
+        value_parser = BoolishValueParser::new()
+    )]
     pub metrics: bool,
 }
 
