@@ -146,6 +146,9 @@ fn inspect_prints_architecture_and_tensors() {
         let out = fastkv(&["inspect", path.to_str().unwrap()], None);
         let s = text(&out.stdout);
         assert!(out.status.success(), "{}", text(&out.stderr));
+        // -m, as every other command takes the model, says the same.
+        let with_m = fastkv(&["inspect", "-m", path.to_str().unwrap()], None);
+        assert_eq!(text(&with_m.stdout), s);
         assert!(s.contains(&format!("architecture: {arch}")), "{s}");
         assert!(s.contains(&format!("tokenizer: {tok}")), "{s}");
         assert!(
@@ -574,8 +577,15 @@ fn bad_kv_flags_are_refused() {
     for (flags, needle) in [
         (&["--kv-keep", "0"][..], "--kv-keep"),
         (&["--kv-keep", "1.5"][..], "--kv-keep"),
-        (&["--kv-policy", "lru"][..], "unknown KV policy"),
-        (&["--kv-level", "row"][..], "unknown KV selection level"),
+        // clap refuses them, listing the choices.
+        (
+            &["--kv-policy", "lru"][..],
+            "possible values: full, streaming",
+        ),
+        (
+            &["--kv-level", "row"][..],
+            "possible values: auto, global, layer, head",
+        ),
         (
             &["--kv-policy", "kvzip", "--kv-budget", "256"][..],
             "decode budget",

@@ -291,7 +291,7 @@ fn bad_eval_flags_are_clear_errors() {
         ),
         (
             &["eval", "niah", "-m", m, "--schedule", "later"],
-            "unknown schedule 'later'",
+            "invalid value 'later' for '--schedule",
         ),
         (
             &[

@@ -12,7 +12,7 @@ use ggml_sys::reference::{RefContext, RefContextParams, RefModel};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{KvArgs, ModelArgs};
+use super::{Format, KvArgs, ModelArgs};
 use crate::gguf::GgufFile;
 use crate::kv::Policy;
 use crate::session::Session;
@@ -65,13 +65,6 @@ pub struct BenchArgs {
     /// same way (untimed); llama.cpp and `--compare full` keep their full cache.
     #[command(flatten)]
     pub kv: KvArgs,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Md,
-    Json,
-    Csv,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,14 +6,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 
-use super::{load_gates, note, progress, Loaded, ModelArgs};
+use super::{load_gates, note, progress, Format, Loaded, ModelArgs};
 use crate::eval::budget::BudgetVariant;
 use crate::eval::harness::Answer;
 use crate::eval::report::{self, Results, Row, INFORMATIVE};
 use crate::eval::tasks::{Generator, TaskKind};
-use crate::eval::{Harness, Schedule, Variant};
+use crate::eval::{Harness, Variant};
 use crate::gate::find_gates;
 use crate::kv::{Level, Policy};
 
@@ -81,10 +82,14 @@ pub struct CommonArgs {
     /// When to compress: oneshot (prefill the whole context, then evict once, as the
     /// method papers measure; one prefill serves every variant) or chunked (the
     /// runtime's chunked prefill, one prefill per variant).
-    #[arg(long, default_value = "oneshot")]
+    #[arg(long, default_value = "oneshot", value_parser = SCHEDULES)]
     pub schedule: String,
-    /// Selection level for every policy: auto, global, layer, head [default: each policy's].
-    #[arg(long = "kv-level")]
+    /// Selection level for every policy [default: each policy's].
+    #[arg(
+        long = "kv-level",
+        value_parser = PossibleValuesParser::new(Level::ALL.map(Level::name)),
+        ignore_case = true
+    )]
     pub level: Option<String>,
     /// Recent context tokens every policy keeps whole [default: 4096 for a context of
     /// 16000 tokens or more, else 2% of it or a quarter of what is kept, the larger].
@@ -96,10 +101,13 @@ pub struct CommonArgs {
     /// System message for models with a chat template.
     #[arg(long, default_value = "You are a helpful assistant.")]
     pub system: String,
-    /// Output format on stdout: md, json or csv.
-    #[arg(short = 'o', long = "output", default_value = "md")]
-    pub output: String,
+    /// Output format on stdout.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Md)]
+    pub output: Format,
 }
+
+/// `--schedule`'s values (each a [`crate::eval::Schedule`]).
+const SCHEDULES: [&str; 2] = ["oneshot", "chunked"];
 
 #[derive(Args, Debug)]
 pub struct KldArgs {
@@ -300,9 +308,13 @@ fn budget(a: BudgetArgs) -> Result<()> {
             dir.display()
         );
     }
-    match a.common.output.as_str() {
-        "csv" => print!("{}", report::budget_csv(&traces)),
-        _ => println!("{md}"),
+    match a.common.output {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report::budget_json(&traces))?
+        ),
+        Format::Csv => print!("{}", report::budget_csv(&traces)),
+        Format::Md => println!("{md}"),
     }
     eprintln!("eval budget: {:.1} min", secs / 60.0);
     Ok(())
@@ -369,16 +381,6 @@ fn setup(c: &CommonArgs, keeps: &[f64]) -> Result<(Loaded, Vec<Variant>)> {
         if !(k > 0.0 && k <= 1.0) {
             bail!("keep ratios must lie in (0, 1], got {k}");
         }
-    }
-    c.schedule.parse::<Schedule>()?;
-    if let Some(level) = &c.level {
-        level.parse::<Level>()?;
-    }
-    if !["md", "json", "csv"].contains(&c.output.as_str()) {
-        bail!(
-            "unknown output format '{}' (choose md, json or csv)",
-            c.output
-        );
     }
     let named = match &c.policies {
         Some(names) => Some(parse_policies(names)?),
@@ -660,10 +662,10 @@ fn spread_order(n: usize) -> Vec<usize> {
 }
 
 fn finish(c: &CommonArgs, rows: &[Row], t0: Instant) -> Result<()> {
-    match c.output.as_str() {
-        "json" => println!("{}", serde_json::to_string_pretty(rows)?),
-        "csv" => print!("{}", report::csv(rows)),
-        _ => println!("{}", report::markdown(rows)),
+    match c.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        Format::Csv => print!("{}", report::csv(rows)),
+        Format::Md => println!("{}", report::markdown(rows)),
     }
     eprintln!("eval: {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
@@ -672,6 +674,14 @@ fn finish(c: &CommonArgs, rows: &[Row], t0: Instant) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_schedule_parses() {
+        for name in SCHEDULES {
+            let s: crate::eval::Schedule = name.parse().unwrap();
+            assert_eq!(s.to_string(), name);
+        }
+    }
 
     #[test]
     fn spread_order_visits_every_sample_once_and_spreads_early() {

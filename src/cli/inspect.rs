@@ -11,14 +11,18 @@ use crate::tokenizer::Tokenizer;
 #[derive(Args, Debug)]
 pub struct InspectArgs {
     /// GGUF file (default: the default model).
+    #[arg(short = 'm', long = "model", env = "FASTKV_ARG_MODEL")]
     pub model: Option<PathBuf>,
+    /// The GGUF file, positionally (as earlier versions took it; same as -m).
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    pub file: Option<PathBuf>,
     /// Also list every metadata key (long arrays abbreviated).
     #[arg(long)]
     pub metadata: bool,
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
-    let path = super::resolve_model(a.model.as_deref())?;
+    let path = super::resolve_model(a.model.as_deref().or(a.file.as_deref()))?;
     let f = GgufFile::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     println!(
         "file: {} (GGUF v{}, {} bytes)",

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::builder::PossibleValuesParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::gate::{find_gates, Gates};
@@ -58,6 +59,14 @@ pub enum Command {
     Serve(serve::ServeArgs),
 }
 
+/// Output formats of the commands that print tables (`-o`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Md,
+    Json,
+    Csv,
+}
+
 /// Flags shared by every command that runs a model.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -80,10 +89,14 @@ pub struct ModelArgs {
 /// KV eviction flags, shared by the commands that run a model.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KvArgs {
-    /// KV eviction policy: full, streaming, h2o, snapkv, kvzip, gated, random
-    /// [default: when --kv-keep or --kv-budget is given, gated where gates for the
+    /// KV eviction policy [default: when --kv-keep or --kv-budget is given, gated where gates for the
     /// model are found (or named by --gates), else snapkv; without them, full].
-    #[arg(long = "kv-policy", env = "FASTKV_ARG_KV_POLICY")]
+    #[arg(
+        long = "kv-policy",
+        env = "FASTKV_ARG_KV_POLICY",
+        value_parser = PossibleValuesParser::new(Policy::ALL.map(Policy::name)),
+        ignore_case = true
+    )]
     pub policy: Option<String>,
     /// Fast KVzip gate file for --kv-policy gated [default: the *.gates.gguf trained
     /// for this model in the model's directory or models/].
@@ -103,7 +116,12 @@ pub struct KvArgs {
     /// Where the keep ratio applies: global (one threshold, non-uniform heads), layer,
     /// head, auto (global, or layer where fewer than 8 layers are evicted)
     /// [default: head for snapkv, auto for gated and kvzip, else global].
-    #[arg(long = "kv-level", env = "FASTKV_ARG_KV_LEVEL")]
+    #[arg(
+        long = "kv-level",
+        env = "FASTKV_ARG_KV_LEVEL",
+        value_parser = PossibleValuesParser::new(Level::ALL.map(Level::name)),
+        ignore_case = true
+    )]
     pub level: Option<String>,
     /// Tokens per prefill step; eviction runs after each.
     #[arg(

@@ -915,6 +915,23 @@ pub fn budget_csv(traces: &[BudgetTrace]) -> String {
     out
 }
 
+/// The traces as JSON: per session its name and, per generated token, the fields of
+/// [`budget_csv`].
+pub fn budget_json(traces: &[BudgetTrace]) -> serde_json::Value {
+    let sessions = traces.iter().map(|t| {
+        let tokens = t.tokens.iter().zip(&t.kv_bytes).map(|(f, b)| {
+            serde_json::json!({
+                "kld": f.kld,
+                "same_top1": f.same_top1,
+                "delta_nll": f.delta_nll,
+                "kv_bytes": b,
+            })
+        });
+        serde_json::json!({"session": session_name(t), "tokens": tokens.collect::<Vec<_>>()})
+    });
+    serde_json::Value::Array(sessions.collect())
+}
+
 /// `budget_kv.png` (KV MiB held against generated tokens, every session) and
 /// `budget_kld.png` (mean KLD per segment, the budgeted sessions) in `dir`.
 pub fn budget_plots(
@@ -1039,6 +1056,52 @@ mod tests {
     use super::*;
     use crate::eval::harness::Variant;
     use crate::session::CompressReport;
+
+    #[test]
+    fn budget_json_holds_what_the_csv_holds() {
+        use crate::eval::budget::BudgetVariant;
+        use crate::eval::fidelity::TokenFidelity;
+        let tok = |kld: f64, same_top1: bool| TokenFidelity {
+            kld,
+            same_top1,
+            delta_nll: -kld,
+        };
+        let traces = [
+            BudgetTrace {
+                variant: None,
+                tokens: vec![tok(0.0, true), tok(0.0, true)],
+                kv_bytes: vec![100, 200],
+            },
+            BudgetTrace {
+                variant: Some(BudgetVariant {
+                    policy: Policy::SnapKv,
+                    budget: 64,
+                }),
+                tokens: vec![tok(0.25, false), tok(0.5, true)],
+                kv_bytes: vec![90, 120],
+            },
+        ];
+        let json = budget_json(&traces);
+        let csv = budget_csv(&traces);
+        let rows: Vec<&str> = csv.lines().skip(1).collect();
+        let mut i = 0;
+        for session in json.as_array().unwrap() {
+            for (n, t) in session["tokens"].as_array().unwrap().iter().enumerate() {
+                let same = u8::from(t["same_top1"].as_bool().unwrap());
+                let row = format!(
+                    "{},{},{:.6},{same},{:.6},{}",
+                    session["session"].as_str().unwrap(),
+                    n + 1,
+                    t["kld"].as_f64().unwrap(),
+                    t["delta_nll"].as_f64().unwrap(),
+                    t["kv_bytes"]
+                );
+                assert_eq!(row, rows[i]);
+                i += 1;
+            }
+        }
+        assert_eq!(i, rows.len());
+    }
 
     fn answers(policy: Policy, keep: f64, scores: &[f64]) -> Vec<Answer> {
         scores

@@ -155,27 +155,32 @@ pub enum Level {
     Head,
 }
 
+impl Level {
+    pub const ALL: [Level; 4] = [Level::Auto, Level::Global, Level::Layer, Level::Head];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Auto => "auto",
+            Level::Global => "global",
+            Level::Layer => "layer",
+            Level::Head => "head",
+        }
+    }
+}
+
 impl FromStr for Level {
     type Err = PolicyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Level::Auto),
-            "global" => Ok(Level::Global),
-            "layer" => Ok(Level::Layer),
-            "head" => Ok(Level::Head),
-            _ => Err(PolicyError::UnknownLevel(s.to_string())),
-        }
+        Level::ALL
+            .into_iter()
+            .find(|l| l.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| PolicyError::UnknownLevel(s.to_string()))
     }
 }
 
 impl fmt::Display for Level {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Level::Auto => "auto",
-            Level::Global => "global",
-            Level::Layer => "layer",
-            Level::Head => "head",
-        })
+        f.write_str(self.name())
     }
 }
 
