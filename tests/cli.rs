@@ -158,6 +158,26 @@ fn inspect_prints_architecture_and_tensors() {
     }
 }
 
+/// `fastkv completions SHELL` prints a script that knows the subcommands, their flags
+/// and the values of enumerated flags; bash's parses.
+#[test]
+fn shell_completions_know_commands_flags_and_values() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = fastkv(&["completions", shell], None);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for word in ["serve", "train-gates", "kv-policy", "snapkv", "ctx-size"] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bash = dir.path().join("fastkv.bash");
+    std::fs::write(&bash, fastkv(&["completions", "bash"], None).stdout).unwrap();
+    let check = Command::new("bash").arg("-n").arg(&bash).output().unwrap();
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert_clean_error(&fastkv(&["completions", "tcsh"], None), "possible values");
+}
+
 #[test]
 fn bad_input_gives_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();

@@ -57,6 +57,12 @@ pub enum Command {
     TrainGates(train_gates::TrainGatesArgs),
     /// An OpenAI-compatible HTTP server with a chat page (llama-server's routes).
     Serve(serve::ServeArgs),
+    /// Print a shell completion script, e.g. `fastkv completions bash >
+    /// ~/.local/share/bash-completion/completions/fastkv`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Output formats of the commands that print tables (`-o`).
@@ -434,6 +440,11 @@ pub fn main() -> Result<()> {
         Command::Eval(a) => eval::eval(a),
         Command::TrainGates(a) => train_gates::train_gates(a),
         Command::Serve(a) => serve::serve(a),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "fastkv", &mut std::io::stdout());
+            Ok(())
+        }
     })
 }
 
@@ -444,7 +455,7 @@ impl Command {
             Command::Run(a) => a.model.threads,
             Command::Chat(a) => a.model.threads,
             Command::Perplexity(a) => a.model.threads,
-            Command::Inspect(_) => None,
+            Command::Inspect(_) | Command::Completions { .. } => None,
             Command::Bench(a) => a.threads,
             Command::Eval(a) => match &a.command {
                 eval::EvalCommand::Kld(e) => e.common.model.threads,
