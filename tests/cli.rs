@@ -178,6 +178,40 @@ fn shell_completions_know_commands_flags_and_values() {
     assert_clean_error(&fastkv(&["completions", "tcsh"], None), "possible values");
 }
 
+/// `-c` is taken by the commands that hold one context; eval and train-gates set
+/// their lengths with their own flags and refuse it instead of ignoring it.
+#[test]
+fn ctx_size_is_refused_where_it_would_be_ignored() {
+    for (args, flag) in [
+        (&["eval", "niah", "-c", "2048"][..], "-c"),
+        (
+            &["eval", "kld", "-f", "x.txt", "--ctx-size", "2048"][..],
+            "--ctx-size",
+        ),
+        (
+            &[
+                "train-gates",
+                "--corpus",
+                "x",
+                "--out",
+                "g.gguf",
+                "-c",
+                "512",
+            ][..],
+            "-c",
+        ),
+        (&["bench", "-c", "512"][..], "-c"),
+    ] {
+        assert_clean_error(
+            &fastkv(args, None),
+            &format!("unexpected argument '{flag}'"),
+        );
+    }
+    // Where it is taken, the help says so.
+    let help = text(&fastkv(&["perplexity", "--help"], None).stdout);
+    assert!(help.contains("--ctx-size"), "{help}");
+}
+
 #[test]
 fn bad_input_gives_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();

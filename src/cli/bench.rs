@@ -480,7 +480,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let loaded = ModelArgs {
         model: a.model.clone(),
         threads: a.threads,
-        ctx_size: 0,
     }
     .load()?;
     let model = &loaded.model;

@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::{
-    generate, print_compression, print_piece, GenStats, KvArgs, Loaded, ModelArgs, PrefillBar,
-    SamplingArgs,
+    generate, print_compression, print_piece, CtxArgs, GenStats, KvArgs, Loaded, ModelArgs,
+    PrefillBar, SamplingArgs,
 };
 use crate::sampling::Sampler;
 use crate::session::Session;
@@ -18,6 +18,8 @@ use crate::tokenizer::{ChatMessage, ChatTemplate};
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub ctx: CtxArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -34,7 +36,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let l = a.model.load()?;
     let template = l.template();
-    let mut session = Session::new(&l.model, a.model.n_ctx(&l.model));
+    let mut session = Session::new(&l.model, a.ctx.n_ctx(&l.model));
     a.kv.apply(&mut session, &l, params.seed, Some(&template))?;
     let mut sampler = Sampler::new(params);
     let mut conv = Conversation {

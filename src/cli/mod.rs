@@ -82,6 +82,12 @@ pub struct ModelArgs {
     /// Number of threads (default: all cores).
     #[arg(short = 't', long = "threads", env = "FASTKV_ARG_THREADS")]
     pub threads: Option<usize>,
+}
+
+/// The context size, for the commands that hold one context (run, chat, perplexity,
+/// serve). The others set their lengths with their own flags and refuse `-c`.
+#[derive(Args, Debug, Clone)]
+pub struct CtxArgs {
     /// Context size in tokens (0 = the model's training context).
     #[arg(
         short = 'c',
@@ -92,11 +98,23 @@ pub struct ModelArgs {
     pub ctx_size: usize,
 }
 
+impl CtxArgs {
+    /// The context size to use (`-c 0` = the model's training context).
+    pub fn n_ctx(&self, model: &Model) -> usize {
+        if self.ctx_size == 0 {
+            model.config.n_ctx_train
+        } else {
+            self.ctx_size.min(model.config.n_ctx_train)
+        }
+    }
+}
+
 /// KV eviction flags, shared by the commands that run a model.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KvArgs {
-    /// KV eviction policy [default: when --kv-keep or --kv-budget is given, gated where gates for the
-    /// model are found (or named by --gates), else snapkv; without them, full].
+    /// KV eviction policy [default: when --kv-keep or --kv-budget is given, gated
+    /// where gates for the model are found (or named by --gates), else snapkv;
+    /// without them, full].
     #[arg(
         long = "kv-policy",
         env = "FASTKV_ARG_KV_POLICY",
@@ -541,15 +559,6 @@ impl ModelArgs {
             tokenizer: Arc::new(tokenizer),
             path,
         })
-    }
-
-    /// The context size to use (`-c 0` = the model's training context).
-    pub fn n_ctx(&self, model: &Model) -> usize {
-        if self.ctx_size == 0 {
-            model.config.n_ctx_train
-        } else {
-            self.ctx_size.min(model.config.n_ctx_train)
-        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::ModelArgs;
+use super::{CtxArgs, ModelArgs};
 use crate::eval;
 use crate::session::Session;
 
@@ -12,6 +12,8 @@ use crate::session::Session;
 pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub ctx: CtxArgs,
     /// Text file to score (e.g. wikitext-2-raw/wiki.test.raw).
     #[arg(short = 'f', long = "file")]
     pub file: PathBuf,
@@ -27,11 +29,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("cannot read {}", a.file.display()))?;
     let l = a.model.load()?;
-    let n_ctx = if a.model.ctx_size == 0 {
-        512
-    } else {
-        a.model.n_ctx(&l.model)
-    };
+    let n_ctx = a.ctx.n_ctx(&l.model);
     let tokens = l.tokenizer.encode(&text, l.tokenizer.add_bos(), false);
     let bos = if l.tokenizer.add_bos() {
         l.tokenizer.bos()

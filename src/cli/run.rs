@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{
-    generate, print_compression, print_piece, GenStats, KvArgs, ModelArgs, PrefillBar, SamplingArgs,
+    generate, print_compression, print_piece, CtxArgs, GenStats, KvArgs, ModelArgs, PrefillBar,
+    SamplingArgs,
 };
 use crate::sampling::Sampler;
 use crate::session::Session;
@@ -15,6 +16,8 @@ use crate::session::Session;
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub ctx: CtxArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -61,7 +64,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     };
     let params = a.sampling.params()?;
     let l = a.model.load()?;
-    let mut session = Session::new(&l.model, a.model.n_ctx(&l.model));
+    let mut session = Session::new(&l.model, a.ctx.n_ctx(&l.model));
     a.kv.apply(&mut session, &l, params.seed, None)?;
     if let Some(path) = &a.load_context {
         session

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::builder::BoolishValueParser;
 use clap::Args;
 
-use super::{KvArgs, ModelArgs};
+use super::{CtxArgs, KvArgs, ModelArgs};
 use crate::server::engine::Engine;
 use crate::server::{self, Ready, ServerConfig};
 use crate::session::Session;
@@ -15,6 +15,8 @@ use crate::session::Session;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub ctx: CtxArgs,
     #[command(flatten)]
     pub kv: KvArgs,
     /// Address to listen on (loopback unless told otherwise).
@@ -137,7 +139,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 
     let l = a.model.load()?;
     let template = l.template();
-    let n_ctx = a.model.n_ctx(&l.model);
+    let n_ctx = a.ctx.n_ctx(&l.model);
     let mut proto = Session::new(&l.model, n_ctx);
     a.kv.apply(&mut proto, &l, seed, Some(&template))?;
     let compress = proto.eviction().is_active();
