@@ -5,6 +5,7 @@
 #
 #   fuzz/run.sh SECONDS [TARGET...]              each target for SECONDS (CI: 60)
 #   RUNS=10000000 fuzz/run.sh 3600 gguf_model    stop at RUNS inputs or SECONDS
+#   FUZZ_SEED=1 fuzz/run.sh 60                   the same inputs on every run (CI)
 #
 # Hangs: libFuzzer's -timeout is wall-clock time, so on a busy machine (a build beside
 # the fuzzer) a quick input can pass it. The fuzzer therefore runs in fork mode, which
@@ -22,6 +23,10 @@ if [ ${#targets[@]} -eq 0 ]; then
     targets=(gguf_model tokenizer chat_template saved_context gate_file server_request)
 fi
 runs=${RUNS:--1}
+seed=()
+if [ -n "${FUZZ_SEED:-}" ]; then
+    seed=(-seed="$FUZZ_SEED")
+fi
 bin_dir=target/x86_64-unknown-linux-gnu/release
 
 cargo +nightly fuzz build
@@ -35,7 +40,7 @@ for t in "${targets[@]}"; do
     status=0
     cargo +nightly fuzz run "$t" "corpus/$t" -- \
         -fork=1 -ignore_timeouts=1 -ignore_ooms=0 -ignore_crashes=0 \
-        -max_total_time="$secs" -runs="$runs" -timeout=1 -rss_limit_mb=2048 \
+        -max_total_time="$secs" -runs="$runs" -timeout=1 -rss_limit_mb=2048 "${seed[@]}" \
         >"$log" 2>&1 || status=$?
     if [ "$status" -ne 0 ]; then
         echo "FAIL $t (exit $status): see fuzz/$log and fuzz/artifacts/$t/" >&2
