@@ -33,6 +33,8 @@ cargo +nightly fuzz build
 cargo +nightly run --release --quiet --bin seeds
 
 mkdir -p logs
+# Known leaks that are not fastkv's to fix (see the file).
+export LSAN_OPTIONS="suppressions=$PWD/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 for t in "${targets[@]}"; do
     log=logs/$t.log
     mkdir -p "artifacts/$t"
