@@ -11,7 +11,8 @@ load_test.py), for --duration seconds these run beside them, each in its own thr
 - mid-stream disconnects: streaming requests dropped (RST) after three content chunks;
 - mid-compression disconnects: requests whose long system message is a document to
   compress (the server needs an eviction policy on), dropped 0.3 s after sending;
-- oversized bodies: a Content-Length of 100 MB announced, and 9 MiB really sent (413);
+- oversized bodies: a Content-Length of 100 MB announced, and 9 MiB really sent,
+  chunked (413 for both);
 - malformed bodies: bad JSON, wrong types and shapes, non-UTF-8, wrong Content-Type,
   deep nesting, a truncated body (a 4xx answer, never a 5xx or a dead connection);
 - past the context: prompts longer than the server's context (400, saying so);
