@@ -41,7 +41,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from load_test import MIB, PROMPTS, Target, percentile, read_rss_kib, stream_request  # noqa: E402
+from load_test import (  # noqa: E402
+    MIB, PROMPTS, Target, finish, percentile, read_rss_kib, stream_request)
 
 HEALTH_EVERY_S = 0.05
 HEALTH_LIMIT_MS = 100.0
@@ -82,6 +83,12 @@ def head(target, path, length, content_type="application/json"):
     return (h + "Connection: close\r\n\r\n").encode()
 
 
+def status_of(data):
+    """The status code in the first line of a response (None if there is none)."""
+    parts = data.split(b"\r\n", 1)[0].split()
+    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+
+
 def read_status(sock):
     """The status code of the response on `sock` (None if it closed without one)."""
     data = b""
@@ -90,8 +97,7 @@ def read_status(sock):
         if not chunk:
             return None
         data += chunk
-    parts = data.split(b"\r\n", 1)[0].split()
-    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    return status_of(data)
 
 
 def read_response(sock):
@@ -104,9 +110,7 @@ def read_response(sock):
         data += chunk
     if not data:
         return None, b""
-    head_, _, body = data.partition(b"\r\n\r\n")
-    parts = head_.split(b"\r\n", 1)[0].split()
-    return (int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None), body
+    return status_of(data), data.partition(b"\r\n\r\n")[2]
 
 
 def post_raw(target, path, body, content_type="application/json", timeout=30):
@@ -129,32 +133,38 @@ def chat_body(content, max_tokens, stream=True, system=None):
 # ---- the misbehaving clients -------------------------------------------------------
 
 
+def trickle(sock, data, t0, give_up_s):
+    """Send `data` a byte a second until the server answers or hangs up. Returns the
+    seconds from `t0` until then and the first bytes it sent (empty if it hung up), or
+    (None, b"") if it did neither within `give_up_s`."""
+    try:
+        for b in data:
+            sock.send(bytes([b]))
+            time.sleep(1.0)
+            sock.setblocking(False)
+            try:
+                return time.monotonic() - t0, sock.recv(4096)
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+            if time.monotonic() - t0 > give_up_s:
+                break
+    except OSError:  # reset or broken pipe: the server hung up
+        return time.monotonic() - t0, b""
+    return None, b""
+
+
 def slow_headers(target, rec, server_timeout, idx):
     """Send a request line one byte a second; the server must hang up by its timeout."""
     line = f"POST {target.prefix}/v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Pad: " + "a" * 200
     t0 = time.monotonic()
     s = raw_connect(target, server_timeout * 4 + 10)
-    closed_after = None
     try:
-        for ch in line:
-            s.send(ch.encode())
-            time.sleep(1.0)
-            s.setblocking(False)
-            try:
-                if s.recv(4096) == b"":
-                    closed_after = time.monotonic() - t0
-                    break
-            except BlockingIOError:
-                pass
-            finally:
-                s.setblocking(True)
-            if time.monotonic() - t0 > server_timeout * 4 + 10:
-                break
-    except OSError:  # reset or broken pipe: the server hung up
-        closed_after = time.monotonic() - t0
+        closed_after, first = trickle(s, line.encode(), t0, server_timeout * 4 + 10)
     finally:
         s.close()
-    ok = closed_after is not None and closed_after <= server_timeout + 3
+    ok = closed_after is not None and closed_after <= server_timeout + 3 and status_of(first) in (None, 408)
     rec.add("slow headers (1 byte/s)", ok,
             f"#{idx}: cut off after {closed_after:.1f} s" if closed_after else f"#{idx}: never cut off")
 
@@ -164,30 +174,14 @@ def slow_body(target, rec, server_timeout):
     body = json.dumps(chat_body("Hello there, how are you today?", 8, stream=False)).encode()
     t0 = time.monotonic()
     s = raw_connect(target, server_timeout * 4 + 10)
-    status, after = None, None
     try:
         s.sendall(head(target, "/v1/chat/completions", len(body)))
-        for b in body:
-            s.send(bytes([b]))
-            time.sleep(1.0)
-            s.setblocking(False)
-            try:
-                data = s.recv(4096)
-                after = time.monotonic() - t0
-                if data:
-                    parts = data.split(b"\r\n", 1)[0].split()
-                    status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
-                break
-            except BlockingIOError:
-                pass
-            finally:
-                s.setblocking(True)
-            if time.monotonic() - t0 > server_timeout * 4 + 10:
-                break
+        after, first = trickle(s, body, t0, server_timeout * 4 + 10)
     except OSError:
-        after = time.monotonic() - t0
+        after, first = time.monotonic() - t0, b""
     finally:
         s.close()
+    status = status_of(first)
     ok = after is not None and after <= server_timeout + 3 and status in (None, 408)
     rec.add("slow body (1 byte/s)", ok,
             f"answered {status} after {after:.1f} s" if after else "never answered")
@@ -539,13 +533,7 @@ def main():
         problems.append("a slot was still held after the faults")
     if rss_after > rss_limit:
         problems.append("RSS did not come back to its baseline")
-    fig["check_problems"] = problems
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(fig, f, indent=2)
-    if problems:
-        print("\n" + "; ".join(problems), file=sys.stderr)
-    return 1 if a.check and problems else 0
+    return finish(fig, problems, a.json, a.check)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,18 @@ def fmt(v, unit="", digits=1):
     return f"{v:,.{digits}f}{unit}"
 
 
+def finish(fig, problems, json_path, check):
+    """Record `problems` in `fig`, write it to `json_path` (if given), print the
+    problems, and return the exit status (1 under `check` if there are any)."""
+    fig["check_problems"] = problems
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(fig, f, indent=2)
+    if problems:
+        print("\n" + "; ".join(problems), file=sys.stderr)
+    return 1 if check and problems else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-url", required=True, help="http://127.0.0.1:PORT (loopback only)")
@@ -375,14 +387,8 @@ def main():
         problems.append("no request succeeded")
     if a.server_pid and not rss_ok:
         problems.append("server RSS grew without bound (or the server exited)")
-    fig["check_problems"] = problems
     fig["requests"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results]
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(fig, f, indent=2)
-    if problems:
-        print("\n" + "; ".join(problems), file=sys.stderr)
-    return 1 if a.check and problems else 0
+    return finish(fig, problems, a.json, a.check)
 
 
 if __name__ == "__main__":
