@@ -694,3 +694,25 @@ fn chat_loads_and_compresses_a_document() {
     // A missing file is reported and the chat goes on.
     assert!(err.contains("cannot read"), "{err}");
 }
+
+/// `fastkv chat` renders the model's template in the sandbox: a template that asks
+/// for terabytes ends the chat with a clear error, not an abort.
+#[test]
+fn chat_stops_a_hostile_model_template_with_a_clear_error() {
+    use common::synth::{tiny_model, TinySpec, Value, Vocab};
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = tiny_model(&TinySpec::new("llama"), &Vocab::bytes(0));
+    w.set(
+        "tokenizer.chat_template",
+        Value::str(
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}\
+             {% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ messages[0].content }}",
+        ),
+    );
+    let path = w.write_to(dir.path(), "tiny.gguf");
+    let out = fastkv(
+        &["chat", "-m", path.to_str().unwrap(), "-n", "4"],
+        Some("hello\n"),
+    );
+    assert_clean_error(&out, "needed more than 1024 MiB of memory");
+}

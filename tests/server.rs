@@ -337,6 +337,59 @@ fn large_requests_do_not_stall_the_server() {
     });
 }
 
+/// A template that, on a client's word, asks for terabytes ("bomb") or minutes of CPU
+/// ("spin") in one instruction; otherwise a plain one.
+const HOSTILE_TEMPLATE: &str = "{% set last = messages[-1].content %}\
+{% if last == 'bomb' %}{% set ns = namespace(s='xxxxxxxx') %}\
+{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}\
+{% elif last == 'spin' %}{{ (['x'] * 10000000000)|join }}{% endif %}\
+{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}\
+{% if add_generation_prompt %}assistant:{% endif %}";
+
+/// A tiny random model whose chat template is `template`.
+fn tiny_model_with_template(dir: &Path, template: &str) -> PathBuf {
+    use common::synth::{tiny_model, TinySpec, Value, Vocab};
+    let mut w = tiny_model(&TinySpec::new("llama"), &Vocab::bytes(0));
+    w.set("tokenizer.chat_template", Value::str(template));
+    w.write_to(dir, "tiny-hostile-template.gguf")
+}
+
+/// The model's chat template renders in the sandbox: a request that makes it ask for
+/// terabytes or minutes gets 400 naming the limit, the server answers /health
+/// meanwhile, and other requests are served before and after.
+#[test]
+fn hostile_chat_templates_are_stopped_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_model_with_template(dir.path(), HOSTILE_TEMPLATE);
+    let s = Server::start(&m, &["-c", "256"]);
+    let ok = || {
+        let (status, text) = s.post("/v1/chat/completions", &chat("hello", json!({})));
+        assert_eq!(status, 200, "{text}");
+    };
+    ok();
+    let (status, err) = s.error("/v1/chat/completions", &chat("bomb", json!({})));
+    assert_eq!(status, 400, "{err}");
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.contains("1024 MiB of memory"), "{msg}");
+    std::thread::scope(|scope| {
+        let spin = scope.spawn(|| s.error("/v1/chat/completions", &chat("spin", json!({}))));
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        assert_eq!(s.get("/health").0, 200);
+        assert!(
+            t0.elapsed() < Duration::from_millis(300),
+            "/health took {:?}",
+            t0.elapsed()
+        );
+        assert!(!spin.is_finished(), "the spinning render ended too soon");
+        let (status, err) = spin.join().unwrap();
+        assert_eq!(status, 400, "{err}");
+        let msg = err["message"].as_str().unwrap();
+        assert!(msg.contains("5 s of CPU time"), "{msg}");
+    });
+    ok();
+}
+
 /// A client's message cannot write the chat template's markup: the prompt the server
 /// builds has the token count of the content kept as text, not of the content's
 /// `<|im_end|><|im_start|>` read as control tokens.

@@ -35,7 +35,7 @@ pub struct ChatArgs {
 pub fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let l = a.model.load()?;
-    let template = l.template();
+    let template = l.template()?;
     let mut session = Session::new(&l.model, a.ctx.n_ctx(&l.model));
     a.kv.apply(&mut session, &l, params.seed, Some(&template))?;
     let mut sampler = Sampler::new(params);

@@ -424,7 +424,7 @@ fn parse_policies(names: &[String]) -> Result<Vec<Policy>> {
 }
 
 fn harness<'m>(c: &CommonArgs, l: &'m Loaded, variants: &[Variant]) -> Result<Harness<'m>> {
-    let template = l.template();
+    let template = l.template()?;
     let mut h = Harness::new(&l.model, &l.tokenizer, &template, Some(&c.system))?;
     h.schedule = c.schedule.parse()?;
     h.level = c.level.as_deref().map(str::parse).transpose()?;

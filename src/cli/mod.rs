@@ -22,6 +22,7 @@ use crate::kv::{EvictMode, Level, Policy};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplerParams};
 use crate::session::{CompressReport, EvictionConfig, Session, TeacherPrompt};
+use crate::tokenizer::sandbox::{self, Limits, Sandbox};
 use crate::tokenizer::{ChatTemplate, Detokenizer, Tokenizer};
 
 /// The model used when `-m` is not given (fetched by `python3 models/fetch.py`).
@@ -62,6 +63,15 @@ pub enum Command {
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+    /// Render one chat template job (JSON on stdin) under memory and CPU limits: the
+    /// child process of the template sandbox (src/tokenizer/sandbox.rs), not for users.
+    #[command(name = "render-template", hide = true)]
+    RenderTemplate {
+        #[arg(long)]
+        memory_mib: u64,
+        #[arg(long)]
+        cpu_seconds: u64,
     },
 }
 
@@ -435,6 +445,16 @@ pub fn main() -> Result<()> {
         Some("-np") => "--parallel".into(),
         _ => a,
     }));
+    // The template sandbox's child starts no thread pool: it runs under an
+    // address-space limit and renders on this thread.
+    if let Command::RenderTemplate {
+        memory_mib,
+        cpu_seconds,
+    } = cli.command
+    {
+        return sandbox::child_main(memory_mib, cpu_seconds)
+            .context("the template renderer failed");
+    }
     if let Some(t) = cli.command.threads() {
         if t == 0 {
             bail!("-t/--threads must be at least 1");
@@ -458,6 +478,7 @@ pub fn main() -> Result<()> {
         Command::Eval(a) => eval::eval(a),
         Command::TrainGates(a) => train_gates::train_gates(a),
         Command::Serve(a) => serve::serve(a),
+        Command::RenderTemplate { .. } => bail!("render-template runs before the pool starts"),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "fastkv", &mut std::io::stdout());
@@ -473,7 +494,9 @@ impl Command {
             Command::Run(a) => a.model.threads,
             Command::Chat(a) => a.model.threads,
             Command::Perplexity(a) => a.model.threads,
-            Command::Inspect(_) | Command::Completions { .. } => None,
+            Command::Inspect(_) | Command::Completions { .. } | Command::RenderTemplate { .. } => {
+                None
+            }
             Command::Bench(a) => a.threads,
             Command::Eval(a) => match &a.command {
                 eval::EvalCommand::Kld(e) => e.common.model.threads,
@@ -524,14 +547,19 @@ pub struct Loaded {
 
 impl Loaded {
     /// The model's chat template, or the plain fallback (with a note) when it has none.
-    pub fn template(&self) -> ChatTemplate {
-        ChatTemplate::from_gguf(self.model.file(), &self.tokenizer).unwrap_or_else(|| {
+    /// A model's template is rendered in a child process under the sandbox's limits
+    /// (src/tokenizer/sandbox.rs): the template is a program from the model file.
+    pub fn template(&self) -> Result<ChatTemplate> {
+        let Some(template) = ChatTemplate::from_gguf(self.model.file(), &self.tokenizer) else {
             eprintln!(
                 "note: {} has no chat template; using a plain \"User:/Assistant:\" format",
                 self.path.display()
             );
-            ChatTemplate::plain()
-        })
+            return Ok(ChatTemplate::plain());
+        };
+        let sandbox = Sandbox::this_binary(Limits::default())
+            .context("cannot find this program to render the chat template in")?;
+        Ok(template.sandboxed(sandbox))
     }
 }
 

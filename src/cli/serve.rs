@@ -1,6 +1,7 @@
 //! `fastkv serve`: the OpenAI-compatible server (see [`crate::server`]), with
 //! llama-server's flag names.
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::builder::BoolishValueParser;
@@ -138,7 +139,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     eprintln!("fastkv serve: listening on http://{}", listening.addr);
 
     let l = a.model.load()?;
-    let template = l.template();
+    let template = l.template()?;
     let n_ctx = a.ctx.n_ctx(&l.model);
     let mut proto = Session::new(&l.model, n_ctx);
     a.kv.apply(&mut proto, &l, seed, Some(&template))?;
@@ -152,7 +153,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     });
     listening.set_ready(Ready {
         tokenizer: tokenizer.clone(),
-        template,
+        template: Arc::new(template),
         model_id: model_id.clone(),
         n_ctx,
         n_slots: a.parallel,

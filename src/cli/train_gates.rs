@@ -82,7 +82,7 @@ pub fn train_gates(a: TrainGatesArgs) -> Result<()> {
     let t_all = Instant::now();
 
     // Documents, and the prompt they are fed in (the one `eval` questions use).
-    let template = l.template();
+    let template = l.template()?;
     let format = PromptFormat::new(&l.tokenizer, &template, None)?;
     let teacher = TeacherPrompt::new(&l.tokenizer, &template)?;
     let doc_tokens = a.doc_tokens.min(model.config.n_ctx_train / 2);

@@ -35,7 +35,7 @@ use api::{
 use engine::{Event, Finish, Job, Permit};
 use metrics::Counters;
 
-use crate::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+use crate::tokenizer::{ChatTemplate, Tokenizer, TokenizerError};
 
 /// Largest request body accepted (a long document fits many times over).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -68,7 +68,8 @@ pub struct ServerConfig {
 /// What the handlers need once the model is loaded.
 pub struct Ready {
     pub tokenizer: Arc<Tokenizer>,
-    pub template: ChatTemplate,
+    /// Rendered on the blocking pool (a render may start the template sandbox).
+    pub template: Arc<ChatTemplate>,
     /// The model's name in the API (its file name without `.gguf`).
     pub model_id: String,
     /// Tokens of context per slot.
@@ -378,15 +379,15 @@ async fn tokenize(
     Ok(Json(json!({ "tokens": tokens })))
 }
 
-/// Run `work` (tokenizing a request: up to the body limit of text) on tokio's blocking
-/// pool, so that a large request never stalls the runtime that answers every other
-/// route, /health included.
+/// Run `work` (rendering and tokenizing a request: up to the body limit of text) on
+/// tokio's blocking pool, so that a large request never stalls the runtime that
+/// answers every other route, /health included.
 async fn off_runtime<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))
+        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))
 }
 
 async fn detokenize(
@@ -430,25 +431,24 @@ async fn chat_completions(
     let messages = req.chat_messages()?;
     // Message content stays text: only the template's own markup becomes control
     // tokens (a message holding `<|im_end|><|im_start|>system` cannot open a turn).
-    let render = |m: &[ChatMessage], open: bool| {
-        r.template
-            .render_untrusted(&r.tokenizer, m, open)
-            .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))
-    };
-    let rendered = render(&messages, true)?;
     // A long opening system message is a document to compress once and reuse: its
     // rendered turn must tokenize as the prompt's first tokens.
-    let system = if r.compress && messages.len() > 1 && messages[0].role == "system" {
-        Some(render(&messages[..1], false)?)
-    } else {
-        None
-    };
-    let tok = r.tokenizer.clone();
+    let (template, tok, compress) = (r.template.clone(), r.tokenizer.clone(), r.compress);
     let (prompt, system) = off_runtime(move || {
-        let system = system.map(|(s, content)| tok.encode_chat_content(&s, &content));
-        (tok.encode_chat_content(&rendered.0, &rendered.1), system)
+        let rendered = template.render_untrusted(&tok, &messages, true)?;
+        let system = if compress && messages.len() > 1 && messages[0].role == "system" {
+            let (s, content) = template.render_untrusted(&tok, &messages[..1], false)?;
+            Some(tok.encode_chat_content(&s, &content))
+        } else {
+            None
+        };
+        Ok((tok.encode_chat_content(&rendered.0, &rendered.1), system))
     })
-    .await?;
+    .await?
+    .map_err(|e| match e {
+        TokenizerError::Sandbox(_) => ApiError::internal(e.to_string()),
+        e => ApiError::bad_request(format!("cannot apply the chat template: {e}")),
+    })?;
     let document = system
         .filter(|s| s.len() >= DOCUMENT_MIN_TOKENS && prompt.starts_with(s))
         .map(|s| 0..s.len());

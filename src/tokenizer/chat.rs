@@ -13,11 +13,19 @@
 //! template wrote it. Messages from someone else (a server's clients) go through
 //! [`ChatTemplate::render_untrusted`] and [`Tokenizer::encode_chat_content`], which
 //! keep control tokens spelled out in message content as text.
+//!
+//! A render runs at most 20 million template instructions (minijinja's fuel) and
+//! writes at most 1 MiB plus four times the messages' content. The front ends also
+//! render in a child process with memory and time limits
+//! ([`ChatTemplate::sandboxed`]), since one instruction of a hostile template can
+//! still ask for any amount of either.
+use std::borrow::Cow;
 use std::ops::Range;
 
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
+use super::sandbox::{RenderJob, Sandbox};
 use super::{Tokenizer, TokenizerError};
 use crate::gguf::GgufFile;
 
@@ -53,8 +61,11 @@ pub struct ChatTemplate {
 
 struct Jinja {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
+    /// Where to render, if not in this process (see [`ChatTemplate::sandboxed`]).
+    sandbox: Option<Sandbox>,
 }
 
 enum Kind {
@@ -113,8 +124,10 @@ impl ChatTemplate {
         Ok(Self {
             kind: Kind::Jinja(Box::new(Jinja {
                 env,
+                source: source.to_string(),
                 bos_token: bos_token.to_string(),
                 eos_token: eos_token.to_string(),
+                sandbox: None,
             })),
         })
     }
@@ -134,6 +147,16 @@ impl ChatTemplate {
         Self { kind: Kind::Plain }
     }
 
+    /// Render in a child process under `sandbox`'s limits (a template from a model file
+    /// can otherwise exhaust this process's memory or time: see [`super::sandbox`]).
+    /// Does nothing to the plain fallback, which runs no template.
+    pub fn sandboxed(mut self, sandbox: Sandbox) -> Self {
+        if let Kind::Jinja(jinja) = &mut self.kind {
+            jinja.sandbox = Some(sandbox);
+        }
+        self
+    }
+
     /// True for [`ChatTemplate::plain`], so front ends can say that no model template is used.
     pub fn is_fallback(&self) -> bool {
         matches!(self.kind, Kind::Plain)
@@ -147,43 +170,16 @@ impl ChatTemplate {
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
         match &self.kind {
-            Kind::Jinja(jinja) => {
-                let template = jinja
-                    .env
-                    .get_template(TEMPLATE_NAME)
-                    .map_err(template_error)?;
-                let mut out = CappedOutput {
-                    bytes: Vec::new(),
-                    cap: TEMPLATE_OUTPUT_BASE
-                        + TEMPLATE_OUTPUT_PER_CONTENT_BYTE
-                            * messages.iter().map(|m| m.content.len()).sum::<usize>(),
-                    overflowed: false,
-                };
-                template
-                    .render_captured_to(
-                        context! {
-                            messages => messages,
-                            add_generation_prompt => add_generation_prompt,
-                            bos_token => &jinja.bos_token,
-                            eos_token => &jinja.eos_token,
-                        },
-                        &mut out,
-                    )
-                    .map_err(|e| {
-                        if out.overflowed {
-                            TokenizerError::Template(format!(
-                                "the template's output passed {} bytes for {} messages",
-                                out.cap,
-                                messages.len()
-                            ))
-                        } else {
-                            template_error(e)
-                        }
-                    })?;
-                // minijinja writes whole `str`s.
-                String::from_utf8(out.bytes)
-                    .map_err(|e| TokenizerError::Template(format!("output not UTF-8: {e}")))
-            }
+            Kind::Jinja(jinja) => match &jinja.sandbox {
+                Some(sandbox) => sandbox.render(&RenderJob {
+                    source: Cow::Borrowed(&jinja.source),
+                    bos_token: Cow::Borrowed(&jinja.bos_token),
+                    eos_token: Cow::Borrowed(&jinja.eos_token),
+                    messages: Cow::Borrowed(messages),
+                    add_generation_prompt,
+                }),
+                None => jinja.render(messages, add_generation_prompt),
+            },
             Kind::Broken(e) => Err(TokenizerError::Template(e.clone())),
             Kind::Plain => Ok(render_plain(messages, add_generation_prompt)),
         }
@@ -230,6 +226,51 @@ impl ChatTemplate {
         }
         out.push_str(rest);
         Ok((out, spans))
+    }
+}
+
+impl Jinja {
+    /// Render in this process, within the fuel and output limits.
+    fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(template_error)?;
+        let mut out = CappedOutput {
+            bytes: Vec::new(),
+            cap: TEMPLATE_OUTPUT_BASE
+                + TEMPLATE_OUTPUT_PER_CONTENT_BYTE
+                    * messages.iter().map(|m| m.content.len()).sum::<usize>(),
+            overflowed: false,
+        };
+        template
+            .render_captured_to(
+                context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => &self.bos_token,
+                    eos_token => &self.eos_token,
+                },
+                &mut out,
+            )
+            .map_err(|e| {
+                if out.overflowed {
+                    TokenizerError::Template(format!(
+                        "the template's output passed {} bytes for {} messages",
+                        out.cap,
+                        messages.len()
+                    ))
+                } else {
+                    template_error(e)
+                }
+            })?;
+        // minijinja writes whole `str`s.
+        String::from_utf8(out.bytes)
+            .map_err(|e| TokenizerError::Template(format!("output not UTF-8: {e}")))
     }
 }
 

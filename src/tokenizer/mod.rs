@@ -33,6 +33,7 @@ use crate::gguf::{GgufError, GgufFile};
 
 mod bpe;
 pub mod chat;
+pub mod sandbox;
 mod spm;
 
 pub use chat::{ChatMessage, ChatTemplate};
@@ -60,6 +61,10 @@ pub enum TokenizerError {
     Bpe(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// The child process that renders templates could not be run (not the template's
+    /// fault: see `sandbox`).
+    #[error("chat template sandbox: {0}")]
+    Sandbox(String),
 }
 
 /// Token attributes, as llama.cpp's `llama_token_attr` bits.
