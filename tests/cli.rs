@@ -169,6 +169,8 @@ fn shell_completions_know_commands_flags_and_values() {
         for word in ["serve", "train-gates", "kv-policy", "snapkv", "ctx-size"] {
             assert!(script.contains(word), "{shell}: no {word}");
         }
+        // The template sandbox's child command is not a user's.
+        assert!(!script.contains("render-template"), "{shell}");
     }
     let dir = tempfile::tempdir().unwrap();
     let bash = dir.path().join("fastkv.bash");

@@ -64,15 +64,19 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Render one chat template job (JSON on stdin) under memory and CPU limits: the
-    /// child process of the template sandbox (src/tokenizer/sandbox.rs), not for users.
-    #[command(name = "render-template", hide = true)]
-    RenderTemplate {
-        #[arg(long)]
-        memory_mib: u64,
-        #[arg(long)]
-        cpu_seconds: u64,
-    },
+}
+
+/// `fastkv render-template`: render one chat template job (JSON on stdin) under memory
+/// and CPU limits. The child process of the template sandbox
+/// (src/tokenizer/sandbox.rs), not a user's command: parsed apart from [`Cli`] so that
+/// help and shell completions do not list it.
+#[derive(Parser, Debug)]
+#[command(name = "fastkv render-template")]
+struct RenderTemplateArgs {
+    #[arg(long)]
+    memory_mib: u64,
+    #[arg(long)]
+    cpu_seconds: u64,
 }
 
 /// Output formats of the commands that print tables (`-o`).
@@ -440,21 +444,21 @@ impl SamplingArgs {
 }
 
 pub fn main() -> Result<()> {
+    // The template sandbox's child starts no thread pool: it runs under an
+    // address-space limit and renders on this thread.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == sandbox::COMMAND)
+    {
+        let a = RenderTemplateArgs::parse_from(std::env::args_os().skip(1));
+        return sandbox::child_main(a.memory_mib, a.cpu_seconds)
+            .context("the template renderer failed");
+    }
     // llama.cpp's two-letter short flags, which clap cannot declare.
     let cli = Cli::parse_from(std::env::args_os().map(|a| match a.to_str() {
         Some("-np") => "--parallel".into(),
         _ => a,
     }));
-    // The template sandbox's child starts no thread pool: it runs under an
-    // address-space limit and renders on this thread.
-    if let Command::RenderTemplate {
-        memory_mib,
-        cpu_seconds,
-    } = cli.command
-    {
-        return sandbox::child_main(memory_mib, cpu_seconds)
-            .context("the template renderer failed");
-    }
     if let Some(t) = cli.command.threads() {
         if t == 0 {
             bail!("-t/--threads must be at least 1");
@@ -478,7 +482,6 @@ pub fn main() -> Result<()> {
         Command::Eval(a) => eval::eval(a),
         Command::TrainGates(a) => train_gates::train_gates(a),
         Command::Serve(a) => serve::serve(a),
-        Command::RenderTemplate { .. } => bail!("render-template runs before the pool starts"),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "fastkv", &mut std::io::stdout());
@@ -494,9 +497,7 @@ impl Command {
             Command::Run(a) => a.model.threads,
             Command::Chat(a) => a.model.threads,
             Command::Perplexity(a) => a.model.threads,
-            Command::Inspect(_) | Command::Completions { .. } | Command::RenderTemplate { .. } => {
-                None
-            }
+            Command::Inspect(_) | Command::Completions { .. } => None,
             Command::Bench(a) => a.threads,
             Command::Eval(a) => match &a.command {
                 eval::EvalCommand::Kld(e) => e.common.model.threads,
