@@ -836,14 +836,15 @@ fn hostile_templates_stop_in_the_sandbox() {
     }
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 
-    // A renderer that cannot start is an error, not a panic.
+    // A renderer that cannot start is an error of its own (not the template's), not a
+    // panic.
     let missing = ChatTemplate::new("x", "", "")
         .unwrap()
         .sandboxed(Sandbox::new("/nonexistent/fastkv", limits));
-    assert!(matches!(
-        missing.render(&msgs, true),
-        Err(TokenizerError::Template(msg)) if msg.contains("cannot start")
-    ));
+    match missing.render(&msgs, true) {
+        Err(TokenizerError::Sandbox(msg)) => assert!(msg.contains("cannot start"), "{msg}"),
+        other => panic!("expected a sandbox error, got {other:?}"),
+    }
 }
 
 /// A sandboxed render gives exactly what the in-process one gives: the real template,
