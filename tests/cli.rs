@@ -16,7 +16,11 @@ fn fastkv(args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .expect("fastkv runs");
     let mut input = child.stdin.take().expect("stdin is piped");
-    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    // A command that fails before reading its input has closed the pipe.
+    match input.write_all(stdin.unwrap_or("").as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("writing stdin: {e}"),
+        _ => {}
+    }
     drop(input);
     child.wait_with_output().unwrap()
 }
@@ -717,4 +721,168 @@ fn chat_stops_a_hostile_model_template_with_a_clear_error() {
         Some("hello\n"),
     );
     assert_clean_error(&out, "needed more than 1024 MiB of memory");
+}
+
+/// `--chat-template NAME` picks one of the model's templates
+/// (`tokenizer.chat_template.NAME`), `--chat-template-file` replaces them, `inspect`
+/// lists the names, and an unknown name or a broken file is a clear error. Each
+/// template here marks itself by the error it raises.
+#[test]
+fn chat_template_flags_pick_a_named_template_or_a_file() {
+    use common::synth::{tiny_model, TinySpec, Value, Vocab};
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = tiny_model(&TinySpec::new("llama"), &Vocab::bytes(0));
+    w.set(
+        "tokenizer.chat_template",
+        Value::str("{{ raise_exception('the default template') }}"),
+    );
+    w.set(
+        "tokenizer.chat_template.tool_use",
+        Value::str("{{ raise_exception('the ' ~ 'tool_use'|upper ~ ' template') }}"),
+    );
+    let model = w.write_to(dir.path(), "tiny.gguf");
+    let m = model.to_str().unwrap();
+    let chat = |extra: &[&str]| {
+        let mut args = vec!["chat", "-m", m, "-n", "2"];
+        args.extend_from_slice(extra);
+        fastkv(&args, Some("hello\n"))
+    };
+
+    let listed = fastkv(&["inspect", "-m", m], None);
+    assert!(
+        text(&listed.stdout).contains("chat templates: default, tool_use"),
+        "{}",
+        text(&listed.stdout)
+    );
+    assert_clean_error(&chat(&[]), "the default template");
+    assert_clean_error(
+        &chat(&["--chat-template", "default"]),
+        "the default template",
+    );
+    assert_clean_error(
+        &chat(&["--chat-template", "tool_use"]),
+        "the TOOL_USE template",
+    );
+    assert_clean_error(
+        &chat(&["--chat-template", "rag"]),
+        "no chat template named `rag`; the model has: default, tool_use",
+    );
+
+    let file = dir.path().join("mine.jinja");
+    std::fs::write(
+        &file,
+        "{% for m in messages %}{{ m.role }}: {{ m.content.strip() }}\n{% endfor %}",
+    )
+    .unwrap();
+    let out = chat(&["--chat-template-file", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(&file, "{% for m in messages %}").unwrap();
+    let broken = chat(&["--chat-template-file", file.to_str().unwrap()]);
+    assert_clean_error(&broken, "is not valid");
+    let both = chat(&["--chat-template", "default", "--chat-template-file", "x"]);
+    assert_clean_error(&both, "cannot be used with");
+}
+
+/// `perplexity` prints its running estimate after each chunk, as llama-perplexity
+/// does (`[1]18.2,[2]17.9,...`), before the run ends; the last one is the final
+/// estimate.
+#[test]
+fn perplexity_prints_its_running_estimate_as_it_goes() {
+    use std::io::Read;
+    let Some(path) = model(SMOLLM2) else { return };
+    let Some(wiki) = shared_data("wikitext-2-raw/wiki.test.raw") else {
+        return;
+    };
+    let args = [
+        "perplexity",
+        "-m",
+        path.to_str().unwrap(),
+        "-f",
+        wiki.to_str().unwrap(),
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fastkv"))
+        .args(args)
+        .args(["-c", "512", "--chunks", "4", "-t", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    // Up to the comma after the first value.
+    while !seen.ends_with(b",") {
+        assert_eq!(stdout.read(&mut byte).unwrap(), 1, "output ended early");
+        seen.push(byte[0]);
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first estimate came only when the run had ended"
+    );
+    stdout.read_to_end(&mut seen).unwrap();
+    assert!(child.wait().unwrap().success());
+    let out = String::from_utf8(seen).unwrap();
+    let mut lines = out.lines();
+    let running: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(running.len(), 4, "{out}");
+    for (i, r) in running.iter().enumerate() {
+        let value = r.strip_prefix(&format!("[{}]", i + 1)).expect("[i]value");
+        assert!(value.parse::<f64>().unwrap() > 1.0, "{out}");
+    }
+    let last = running[3].trim_start_matches("[4]");
+    let fin = lines.next().unwrap();
+    assert!(
+        fin.starts_with(&format!("Final estimate: PPL = {last} +/- ")),
+        "{out}"
+    );
+}
+
+/// `--version` names the git commit built from (the checkout's HEAD: build.rs runs
+/// again when it moves), the cargo features and the SIMD extensions compiled for;
+/// `-V` is the version alone.
+#[test]
+fn version_names_the_commit_features_and_instruction_set() {
+    let long = text(&fastkv(&["--version"], None).stdout);
+    let short = text(&fastkv(&["-V"], None).stdout);
+    let version = concat!("fastkv ", env!("CARGO_PKG_VERSION"));
+    assert_eq!(short.trim(), version);
+    assert!(long.starts_with(&format!("{version}\n")), "{long}");
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| text(&o.stdout).trim().to_string());
+    let commit = head.as_deref().unwrap_or("unknown");
+    assert!(long.contains(&format!("commit {commit};")), "{long}");
+    assert!(long.contains("features: "), "{long}");
+    // What the build enabled (.cargo/config.toml) is what --version reports.
+    if cfg!(target_arch = "x86_64") {
+        assert!(long.contains("compiled for: x86_64 "), "{long}");
+        assert_eq!(
+            long.contains("avx2"),
+            cfg!(target_feature = "avx2"),
+            "{long}"
+        );
+    }
+}
+
+/// `fastkv chat` on a terminal, as a person uses it (tests/chat_terminal.py drives it
+/// on a pseudo-terminal): an answer, Ctrl-C stopping a long one while the chat goes
+/// on, the up arrow recalling the last message, a message continued over two lines
+/// with `\`, Ctrl-D leaving; then a second session that recalls the first one's
+/// history and leaves on Ctrl-C.
+#[test]
+fn chat_on_a_terminal_edits_lines_keeps_history_and_stops_on_ctrl_c() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chat_terminal.py");
+    let out = Command::new("python3")
+        .args([script, env!("CARGO_BIN_EXE_fastkv"), path.to_str().unwrap()])
+        .output()
+        .expect("python3 runs");
+    let transcript = text(&out.stdout);
+    eprintln!("{transcript}{}", text(&out.stderr));
+    assert!(out.status.success(), "{transcript}");
+    assert!(transcript.trim_end().ends_with("OK"), "{transcript}");
 }

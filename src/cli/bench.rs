@@ -12,7 +12,7 @@ use ggml_sys::reference::{RefContext, RefContextParams, RefModel};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{Format, KvArgs, ModelArgs};
+use super::{progress, Format, KvArgs, ModelArgs};
 use crate::gguf::GgufFile;
 use crate::kv::Policy;
 use crate::session::Session;
@@ -571,6 +571,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let (mut ours, mut kv_held) = (vec![], vec![]);
         let mut theirs: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); others.len()];
         let mut kv_end = 0;
+        // The repetitions as they finish (on a terminal; a pipe gets the line above).
+        let bar = progress(a.reps as u64, &spec.name());
         for _ in 0..a.reps {
             let s = fastkv_run(&mut session, &tokens, spec)?;
             ours.push(spec.n_tokens() as f64 / s.secs);
@@ -581,7 +583,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 tps.push(spec.n_tokens() as f64 / secs);
                 kv.extend(held);
             }
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         let (avg, sd) = mean_sd(&ours);
         let weights = info.weight_bytes_per_token as f64;
         let bytes_per_token = (spec.n_gen > 0).then(|| weights + mean_sd(&kv_held).0);

@@ -1,14 +1,24 @@
 //! `fastkv chat`: an interactive conversation that keeps its KV cache between turns,
 //! so each turn only runs the new tokens. `/load FILE` reads a document and
 //! compresses it (per the --kv-* flags) before any question about it is asked.
+//!
+//! On a terminal, lines are read with a line editor (rustyline: editing, history
+//! kept across sessions), Ctrl-C stops the current answer, and Ctrl-C or Ctrl-D at the
+//! prompt leaves. From a pipe, each line is a message. Either way a line that ends in
+//! `\` goes on to the next one, making one multi-line message.
 use std::io::{BufRead, IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use rustyline::error::ReadlineError;
+use rustyline::DefaultEditor;
 
 use super::{
     generate, print_compression, print_piece, CtxArgs, GenStats, KvArgs, Loaded, ModelArgs,
-    PrefillBar, SamplingArgs,
+    PrefillBar, SamplingArgs, TemplateArgs,
 };
 use crate::sampling::Sampler;
 use crate::session::Session;
@@ -18,6 +28,8 @@ use crate::tokenizer::{ChatMessage, ChatTemplate};
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub template: TemplateArgs,
     #[command(flatten)]
     pub ctx: CtxArgs,
     #[command(flatten)]
@@ -35,7 +47,7 @@ pub struct ChatArgs {
 pub fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let l = a.model.load()?;
-    let template = l.template()?;
+    let template = l.template(&a.template)?;
     let mut session = Session::new(&l.model, a.ctx.n_ctx(&l.model));
     a.kv.apply(&mut session, &l, params.seed, Some(&template))?;
     let mut sampler = Sampler::new(params);
@@ -47,23 +59,23 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         document: String::new(),
     };
     let interactive = std::io::stdin().is_terminal();
-    if interactive {
+    let mut input = if interactive {
         eprintln!(
             "chat with {} ({} tokens of context). /load FILE to read a document, \
-             /reset to start over, /exit to quit.",
+             /reset to start over, /exit, Ctrl-D or Ctrl-C to quit; Ctrl-C stops an \
+             answer; end a line with \\ to go on to the next.",
             l.path.display(),
             session.n_ctx()
         );
-    }
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
-    loop {
-        if interactive {
-            eprint!("> ");
-            std::io::stderr().flush()?;
-        }
-        let Some(line) = lines.next() else { break };
-        let line = line.context("cannot read standard input")?;
+        // Ctrl-C while an answer is written stops it (at the prompt the line editor
+        // reads Ctrl-C as a key and leaves).
+        ctrlc::set_handler(|| STOP.store(true, Ordering::Relaxed))
+            .context("cannot catch Ctrl-C")?;
+        Input::editor()?
+    } else {
+        Input::Lines(std::io::stdin().lock().lines())
+    };
+    while let Some(line) = input.next()? {
         let text = line.trim();
         match text {
             "" => continue,
@@ -96,6 +108,8 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         }
         let mut stats = GenStats::default();
         let mut out = std::io::stdout().lock();
+        STOP.store(false, Ordering::Relaxed);
+        let mut stopped = false;
         let reply = generate(
             &mut session,
             &l.tokenizer,
@@ -103,9 +117,18 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             &prompt,
             Some(a.n_predict),
             &mut stats,
-            |piece| print_piece(&mut out, piece),
+            |piece| {
+                if STOP.swap(false, Ordering::Relaxed) {
+                    stopped = true;
+                    return Ok(ControlFlow::Break(()));
+                }
+                print_piece(&mut out, piece)
+            },
         )?;
         writeln!(out)?;
+        if stopped {
+            eprintln!("[stopped]");
+        }
         let reply_text = l.tokenizer.decode(&reply, false);
         // The reply goes into the conversation as generated (not trimmed), so that
         // the next render starts with the text the session holds.
@@ -122,7 +145,93 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             );
         }
     }
+    input.save_history();
     Ok(())
+}
+
+/// Set by Ctrl-C (on a terminal): the answer being written stops.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Where the user's messages come from.
+enum Input {
+    /// A terminal: the line editor, and the file its history is kept in.
+    Editor(Box<DefaultEditor>, Option<PathBuf>),
+    /// A pipe or file: plain lines.
+    Lines(std::io::Lines<std::io::StdinLock<'static>>),
+}
+
+impl Input {
+    /// The line editor, with the history of earlier sessions.
+    fn editor() -> Result<Self> {
+        let mut editor = DefaultEditor::new().context("cannot start the line editor")?;
+        let history = history_file();
+        if let Some(path) = &history {
+            // A first session has no history yet.
+            let _ = editor.load_history(path);
+        }
+        Ok(Self::Editor(Box::new(editor), history))
+    }
+
+    /// The next message: a line, or lines joined while each ends in `\`. None when
+    /// the user leaves (end of input; Ctrl-C or Ctrl-D at the prompt).
+    fn next(&mut self) -> Result<Option<String>> {
+        let mut message = String::new();
+        loop {
+            let line = match self {
+                Self::Editor(editor, _) => {
+                    let prompt = if message.is_empty() { "> " } else { ". " };
+                    match editor.readline(prompt) {
+                        Ok(line) => line,
+                        Err(ReadlineError::Interrupted | ReadlineError::Eof) => return Ok(None),
+                        Err(e) => return Err(e).context("cannot read the terminal"),
+                    }
+                }
+                Self::Lines(lines) => match lines.next() {
+                    Some(line) => line.context("cannot read standard input")?,
+                    None if message.is_empty() => return Ok(None),
+                    None => return Ok(Some(message)),
+                },
+            };
+            match line.strip_suffix('\\') {
+                Some(start) => {
+                    message.push_str(start);
+                    message.push('\n');
+                }
+                None => {
+                    message.push_str(&line);
+                    if let Self::Editor(editor, _) = self {
+                        let _ = editor.add_history_entry(message.as_str());
+                    }
+                    return Ok(Some(message));
+                }
+            }
+        }
+    }
+
+    /// Keep the history for the next session (best effort: a read-only home loses
+    /// it, nothing else).
+    fn save_history(&mut self) {
+        if let Self::Editor(editor, Some(path)) = self {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if let Err(e) = editor.save_history(path) {
+                eprintln!(
+                    "note: cannot save the chat history to {}: {e}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// `$XDG_STATE_HOME/fastkv/chat_history`, or `~/.local/state/fastkv/chat_history`.
+fn history_file() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("fastkv").join("chat_history"))
 }
 
 /// The conversation's messages, and the text the session's tokens stand for, so that

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 
-use super::{load_gates, note, progress, Format, Loaded, ModelArgs};
+use super::{load_gates, note, progress, Format, Loaded, ModelArgs, TemplateArgs};
 use crate::eval::budget::BudgetVariant;
 use crate::eval::harness::Answer;
 use crate::eval::report::{self, Results, Row, INFORMATIVE};
@@ -70,6 +70,8 @@ pub struct BudgetArgs {
 pub struct CommonArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub template: TemplateArgs,
     /// Eviction policies to compare with the full cache, comma-separated
     /// [default: streaming,h2o,snapkv,kvzip,gated,random; gated only when gates for
     /// the model are found].
@@ -424,7 +426,7 @@ fn parse_policies(names: &[String]) -> Result<Vec<Policy>> {
 }
 
 fn harness<'m>(c: &CommonArgs, l: &'m Loaded, variants: &[Variant]) -> Result<Harness<'m>> {
-    let template = l.template()?;
+    let template = l.template(&c.template)?;
     let mut h = Harness::new(&l.model, &l.tokenizer, &template, Some(&c.system))?;
     h.schedule = c.schedule.parse()?;
     h.level = c.level.as_deref().map(str::parse).transpose()?;

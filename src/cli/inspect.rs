@@ -6,7 +6,7 @@ use clap::Args;
 
 use crate::gguf::GgufFile;
 use crate::model::Config;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{ChatTemplate, Tokenizer};
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
@@ -79,12 +79,14 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         ),
         Err(e) => println!("tokenizer: unusable ({e})"),
     }
+    // The names --chat-template takes.
+    let templates = ChatTemplate::names_in_gguf(&f);
     println!(
-        "chat template: {}",
-        if f.get_str("tokenizer.chat_template").is_some() {
-            "yes"
+        "chat templates: {}",
+        if templates.is_empty() {
+            "none".to_string()
         } else {
-            "none"
+            templates.join(", ")
         }
     );
     if a.metadata {

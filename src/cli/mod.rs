@@ -8,6 +8,7 @@ mod run;
 mod serve;
 mod train_gates;
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,10 +29,15 @@ use crate::tokenizer::{ChatTemplate, Detokenizer, Tokenizer};
 /// The model used when `-m` is not given (fetched by `python3 models/fetch.py`).
 pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// `fastkv --version`: the version, then what build.rs found (the git commit, cargo
+/// features and the SIMD extensions compiled for). `-V` prints the version alone.
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\n", env!("FASTKV_BUILD_INFO"));
+
 #[derive(Parser, Debug)]
 #[command(
     name = "fastkv",
     version,
+    long_version = LONG_VERSION,
     about = "CPU inference for GGUF models with learned KV-cache eviction"
 )]
 pub struct Cli {
@@ -96,6 +102,29 @@ pub struct ModelArgs {
     /// Number of threads (default: all cores).
     #[arg(short = 't', long = "threads", env = "FASTKV_ARG_THREADS")]
     pub threads: Option<usize>,
+}
+
+/// Which chat template to use, for the commands that render conversations (chat,
+/// serve, eval, train-gates).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TemplateArgs {
+    /// Which of the model's chat templates to use: `default` (tokenizer.chat_template)
+    /// or the name of another it ships (tokenizer.chat_template.NAME, e.g. tool_use);
+    /// `fastkv inspect` lists them.
+    #[arg(
+        long = "chat-template",
+        value_name = "NAME",
+        env = "FASTKV_ARG_CHAT_TEMPLATE",
+        conflicts_with = "chat_template_file"
+    )]
+    pub chat_template: Option<String>,
+    /// A Jinja chat template file to use instead of the model's.
+    #[arg(
+        long = "chat-template-file",
+        value_name = "FILE",
+        env = "FASTKV_ARG_CHAT_TEMPLATE_FILE"
+    )]
+    pub chat_template_file: Option<PathBuf>,
 }
 
 /// The context size, for the commands that hold one context (run, chat, perplexity,
@@ -547,13 +576,26 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// The model's chat template, or the plain fallback (with a note) when it has none.
-    /// A model's template is rendered in a child process under the sandbox's limits
-    /// (src/tokenizer/sandbox.rs): the template is a program from the model file.
-    pub fn template(&self) -> Result<ChatTemplate> {
-        let Some(template) = ChatTemplate::from_gguf(self.model.file(), &self.tokenizer) else {
+    /// The chat template `args` choose: a file, one of the model's named templates, or
+    /// the model's own; the plain fallback (with a note) when the model has none. The
+    /// template is rendered in a child process under the sandbox's limits
+    /// (src/tokenizer/sandbox.rs): a model's template is a program from the model file.
+    pub fn template(&self, args: &TemplateArgs) -> Result<ChatTemplate> {
+        let file = self.model.file();
+        let template = if let Some(path) = &args.chat_template_file {
+            let source = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the chat template {}", path.display()))?;
+            ChatTemplate::for_tokenizer(&source, &self.tokenizer)
+                .with_context(|| format!("the chat template {} is not valid", path.display()))?
+        } else if let Some(name) = &args.chat_template {
+            ChatTemplate::from_gguf_named(file, &self.tokenizer, name)
+                .with_context(|| format!("{}", self.path.display()))?
+        } else if let Some(template) = ChatTemplate::from_gguf(file, &self.tokenizer) {
+            template
+        } else {
             eprintln!(
-                "note: {} has no chat template; using a plain \"User:/Assistant:\" format",
+                "note: {} has no chat template; using a plain \"User:/Assistant:\" format \
+                 (--chat-template-file gives one)",
                 self.path.display()
             );
             return Ok(ChatTemplate::plain());
@@ -666,15 +708,17 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 /// Write a piece of generated text and flush it, so the user sees each token.
-pub fn print_piece(out: &mut impl std::io::Write, piece: &str) -> Result<()> {
+pub fn print_piece(out: &mut impl std::io::Write, piece: &str) -> Result<ControlFlow<()>> {
     out.write_all(piece.as_bytes())?;
     out.flush()?;
-    Ok(())
+    Ok(ControlFlow::Continue(()))
 }
 
 /// Prefill `prompt` (reusing what the session holds), then sample up to `n_predict`
 /// tokens (None = until end of generation or a full context), calling `emit` with
-/// each piece of text as soon as it is complete UTF-8. Returns the generated ids.
+/// each piece of text as soon as it is complete UTF-8; `emit` may stop the reply
+/// (`Break`: its token is still fed, so the session holds the reply as returned).
+/// Returns the generated ids.
 pub fn generate(
     session: &mut Session,
     tokenizer: &Tokenizer,
@@ -682,7 +726,7 @@ pub fn generate(
     prompt: &[u32],
     n_predict: Option<usize>,
     stats: &mut GenStats,
-    mut emit: impl FnMut(&str) -> Result<()>,
+    mut emit: impl FnMut(&str) -> Result<ControlFlow<()>>,
 ) -> Result<Vec<u32>> {
     for &t in prompt {
         sampler.accept(t);
@@ -707,7 +751,7 @@ pub fn generate(
         }
         sampler.accept(tok);
         out.push(tok);
-        emit(&detok.push(tok))?;
+        let flow = emit(&detok.push(tok))?;
         if session.tokens().len() >= session.n_ctx() {
             eprintln!("\n[context full: {} tokens]", session.n_ctx());
             break;
@@ -716,9 +760,13 @@ pub fn generate(
         logits = session.feed(&[tok])?;
         stats.gen_ms += t.elapsed().as_secs_f64() * 1e3;
         stats.n_decoded += 1;
+        if flow.is_break() {
+            break;
+        }
     }
     stats.n_gen += out.len();
-    emit(&detok.finish())?;
+    // The rest of the text (an incomplete UTF-8 tail); the reply ends here anyway.
+    let _ = emit(&detok.finish())?;
     stats.finish(session);
     Ok(out)
 }

@@ -1,4 +1,5 @@
 //! `fastkv perplexity`: llama.cpp's perplexity method on a text file.
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -44,7 +45,9 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     );
     let mut session = Session::new(&l.model, n_ctx);
     let start = std::time::Instant::now();
-    let r = eval::perplexity(
+    // The running estimate after each chunk, as llama-perplexity prints it.
+    let mut out = std::io::stdout();
+    let r = eval::perplexity_reporting(
         &tokens,
         n_ctx,
         a.chunks,
@@ -62,14 +65,13 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
             }
             Ok(logits)
         },
+        |i, estimate| {
+            let sep = if i == 0 { "" } else { "," };
+            // A closed pipe must not stop the run; the result still goes to --json.
+            let _ = write!(out, "{sep}[{}]{estimate:.4}", i + 1).and_then(|()| out.flush());
+        },
     )?;
-    let running: Vec<String> = r
-        .per_chunk
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("[{}]{p:.4}", i + 1))
-        .collect();
-    println!("{}", running.join(","));
+    println!();
     println!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_err);
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&r)? + "\n")

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::builder::BoolishValueParser;
 use clap::Args;
 
-use super::{CtxArgs, KvArgs, ModelArgs};
+use super::{CtxArgs, KvArgs, ModelArgs, TemplateArgs};
 use crate::server::engine::Engine;
 use crate::server::{self, Ready, ServerConfig};
 use crate::session::Session;
@@ -16,6 +16,8 @@ use crate::session::Session;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub template: TemplateArgs,
     #[command(flatten)]
     pub ctx: CtxArgs,
     #[command(flatten)]
@@ -139,7 +141,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     eprintln!("fastkv serve: listening on http://{}", listening.addr);
 
     let l = a.model.load()?;
-    let template = l.template()?;
+    let template = l.template(&a.template)?;
     let n_ctx = a.ctx.n_ctx(&l.model);
     let mut proto = Session::new(&l.model, n_ctx);
     a.kv.apply(&mut proto, &l, seed, Some(&template))?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::{note, progress, ModelArgs};
+use super::{note, progress, ModelArgs, TemplateArgs};
 use crate::eval::harness::PromptFormat;
 use crate::gate::train::{self, FeatureFiles, StageA, TrainConfig, AGREE_AT};
 use crate::gate::{gated_layers, GateMeta, GateShape, Gates, TrainingInfo};
@@ -19,6 +19,8 @@ const FEATURE_BUDGET_BYTES: usize = 4 << 30;
 pub struct TrainGatesArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub template: TemplateArgs,
     /// Training text: a file, or a directory whose files are all read. Never the
     /// text you evaluate on.
     #[arg(long = "corpus")]
@@ -82,7 +84,7 @@ pub fn train_gates(a: TrainGatesArgs) -> Result<()> {
     let t_all = Instant::now();
 
     // Documents, and the prompt they are fed in (the one `eval` questions use).
-    let template = l.template()?;
+    let template = l.template(&a.template)?;
     let format = PromptFormat::new(&l.tokenizer, &template, None)?;
     let teacher = TeacherPrompt::new(&l.tokenizer, &template)?;
     let doc_tokens = a.doc_tokens.min(model.config.n_ctx_train / 2);

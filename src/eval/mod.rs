@@ -11,4 +11,4 @@ pub mod report;
 pub mod tasks;
 
 pub use harness::{EvalError, Harness, Schedule, Variant};
-pub use perplexity::{log_softmax_at, perplexity, Perplexity};
+pub use perplexity::{log_softmax_at, perplexity, perplexity_reporting, Perplexity};

@@ -28,7 +28,29 @@ pub fn perplexity(
     max_chunks: Option<usize>,
     bos: Option<u32>,
     n_vocab: usize,
+    eval_chunk: impl FnMut(usize, &[u32]) -> Result<Vec<f32>, ModelError>,
+) -> Result<Perplexity, ModelError> {
+    perplexity_reporting(
+        tokens,
+        n_ctx,
+        max_chunks,
+        bos,
+        n_vocab,
+        eval_chunk,
+        |_, _| {},
+    )
+}
+
+/// [`perplexity`], calling `on_chunk(i, estimate)` with the running estimate after
+/// each chunk `i`, as `llama-perplexity` prints `[1]18.2,[2]17.9,...` while it works.
+pub fn perplexity_reporting(
+    tokens: &[u32],
+    n_ctx: usize,
+    max_chunks: Option<usize>,
+    bos: Option<u32>,
+    n_vocab: usize,
     mut eval_chunk: impl FnMut(usize, &[u32]) -> Result<Vec<f32>, ModelError>,
+    mut on_chunk: impl FnMut(usize, f64),
 ) -> Result<Perplexity, ModelError> {
     if n_ctx < 4 {
         return Err(ModelError::BadConfig(format!(
@@ -64,7 +86,9 @@ pub fn perplexity(
             nll2 += lp * lp;
             count += 1;
         }
-        per_chunk.push((nll / count as f64).exp());
+        let estimate = (nll / count as f64).exp();
+        on_chunk(i, estimate);
+        per_chunk.push(estimate);
     }
     let mean = nll / count as f64;
     let var = (nll2 / count as f64 - mean * mean).max(0.0);

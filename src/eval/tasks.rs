@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 
 /// RULER's noise haystack.
 const NOISE: &str =
@@ -188,7 +188,7 @@ impl<'a> Generator<'a> {
         let n = n.max(1);
         // Retry with fresh draws in the rare case a value also occurs in the haystack.
         for attempt in 0..16u64 {
-            let mut rng = StdRng::seed_from_u64(
+            let mut rng = ChaCha12Rng::seed_from_u64(
                 self.seed
                     ^ (task as u64) << 56
                     ^ (n_tokens as u64) << 24
@@ -221,7 +221,7 @@ impl<'a> Generator<'a> {
         task: TaskKind,
         n_tokens: usize,
         depths: &[f64],
-        rng: &mut StdRng,
+        rng: &mut ChaCha12Rng,
     ) -> Result<Sample, TaskError> {
         // Four keys per instance (the asked one and up to three distractors), drawn
         // first for every task so that one question draws as it always has.
@@ -401,7 +401,7 @@ impl<'a> Generator<'a> {
         &mut self,
         n_tokens: usize,
         depths: &[f64],
-        rng: &mut StdRng,
+        rng: &mut ChaCha12Rng,
     ) -> Result<Sample, TaskError> {
         let task = TaskKind::KvRetrieval;
         let intro = "Extract the value corresponding to the specified key in the JSON object \
@@ -512,7 +512,7 @@ fn vt_query(value: &str, chain: &[String], evidence: Vec<String>) -> Query {
 /// The word value of instance `q`: after the first (drawn as a single question
 /// draws it), one that no earlier instance used and no asked key contains, so
 /// that every answer occurs once.
-fn word(rng: &mut StdRng, q: usize, used: &[&str], asked_keys: &[&str]) -> &'static str {
+fn word(rng: &mut ChaCha12Rng, q: usize, used: &[&str], asked_keys: &[&str]) -> &'static str {
     loop {
         let w = pick(rng, NOUNS);
         if q == 0 || !(used.contains(&w) || asked_keys.iter().any(|k| k.contains(w))) {
@@ -529,12 +529,12 @@ fn split_sentences(text: &str) -> Vec<String> {
         .collect()
 }
 
-fn pick<'s>(rng: &mut StdRng, from: &[&'s str]) -> &'s str {
+fn pick<'s>(rng: &mut ChaCha12Rng, from: &[&'s str]) -> &'s str {
     from[rng.random_range(0..from.len())]
 }
 
 /// `n` distinct "adjective-noun" keys.
-fn distinct_keys(rng: &mut StdRng, n: usize) -> Vec<String> {
+fn distinct_keys(rng: &mut ChaCha12Rng, n: usize) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     while keys.len() < n {
         let k = format!("{}-{}", pick(rng, ADJECTIVES), pick(rng, NOUNS));
@@ -546,7 +546,7 @@ fn distinct_keys(rng: &mut StdRng, n: usize) -> Vec<String> {
 }
 
 /// `n` distinct five-letter upper-case variable names.
-fn distinct_names(rng: &mut StdRng, n: usize) -> Vec<String> {
+fn distinct_names(rng: &mut ChaCha12Rng, n: usize) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     while names.len() < n {
         let v: String = (0..5)
@@ -560,14 +560,14 @@ fn distinct_names(rng: &mut StdRng, n: usize) -> Vec<String> {
 }
 
 /// A number of `digits` digits without a leading zero.
-fn number(rng: &mut StdRng, digits: u32) -> String {
+fn number(rng: &mut ChaCha12Rng, digits: u32) -> String {
     rng.random_range(10u64.pow(digits - 1)..10u64.pow(digits))
         .to_string()
 }
 
 /// A random UUID-shaped string (8-4-4-4-12 hex digits).
-fn uuid(rng: &mut StdRng) -> String {
-    let hex = |rng: &mut StdRng, n: usize| -> String {
+fn uuid(rng: &mut ChaCha12Rng) -> String {
+    let hex = |rng: &mut ChaCha12Rng, n: usize| -> String {
         (0..n)
             .map(|_| char::from_digit(rng.random_range(0..16), 16).expect("a hex digit"))
             .collect()

@@ -23,6 +23,7 @@ use half::f16;
 use memmap2::Mmap;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rand_chacha::ChaCha12Rng;
 use rayon::prelude::*;
 
 use super::{bce, gated_layers, loss_and_grad, GateError, GateShape, LayerGate};
@@ -490,7 +491,7 @@ pub fn train(
             (g, LayerGate::zeros(&shape))
         })
         .collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut rng = ChaCha12Rng::seed_from_u64(cfg.seed);
     let mut order = train_idx.clone();
     let mut cursor = order.len();
     let (mut loss_sum, mut loss_n) = (0f64, 0usize);
@@ -647,7 +648,7 @@ mod tests {
             sinks: 16,
         };
         let mut teacher = LayerGate::init(&shape, 77);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut rng = ChaCha12Rng::seed_from_u64(5);
         teacher.w.iter_mut().for_each(|v| *v *= 4.0);
         teacher
             .sink

@@ -4,9 +4,12 @@
 //! Templates are rendered with `minijinja` in the setting Hugging Face's
 //! `apply_chat_template` uses (`trim_blocks` and `lstrip_blocks` on), with the usual
 //! variables: `messages` (a list of `{role, content}`), `add_generation_prompt`,
-//! `bos_token`, `eos_token`, and a `raise_exception(message)` function that turns into
-//! a [`TokenizerError::Template`]. Templates that call Python string methods
-//! (`.strip()`, `.startswith()`...) or `tojson` are not supported yet.
+//! `bos_token`, `eos_token`, `tools` and `documents` (none), a `raise_exception(message)`
+//! function that turns into a [`TokenizerError::Template`], `strftime_now(format)`, a
+//! `tojson` filter that writes JSON as Python's `json.dumps` does, and Python's string,
+//! list and dict methods (`.strip()`, `.startswith()`, `.items()`...: minijinja-contrib's
+//! pycompat). `tests/chat_templates.rs` holds the renders of published templates to
+//! Python's Jinja2 in that environment.
 //!
 //! The rendered text contains special tokens written out (`<|im_start|>`...): encode
 //! it with [`Tokenizer::encode_chat`], which parses them and adds BOS unless the
@@ -26,14 +29,26 @@ use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use super::sandbox::{RenderJob, Sandbox};
+use super::template_fns;
 use super::{Tokenizer, TokenizerError};
 use crate::gguf::GgufFile;
 
-/// One chat turn. `role` is usually "system", "user" or "assistant".
+/// One chat turn. `role` is usually "system", "user", "assistant" or "tool".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The tool calls an assistant turn made, in OpenAI's shape
+    /// (`[{"type": "function", "function": {"name": ..., "arguments": ...}}]`), for
+    /// templates that print them. Absent from the template's view when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool turn's answer to this call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool turn's tool name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -41,6 +56,9 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
     pub fn system(content: impl Into<String>) -> Self {
@@ -87,22 +105,91 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 const TEMPLATE_NAME: &str = "chat_template";
+/// The metadata key of a model's (default) template.
+const TEMPLATE_KEY: &str = "tokenizer.chat_template";
+/// `--chat-template`'s name for the template under [`TEMPLATE_KEY`] itself.
+const DEFAULT_NAME: &str = "default";
+
+/// The texts of the tokenizer's BOS and EOS tokens (empty where it has none): what a
+/// template sees as `bos_token` and `eos_token`.
+fn special_texts(tokenizer: &Tokenizer) -> (String, String) {
+    let text = |id: Option<u32>| {
+        id.and_then(|id| tokenizer.token_text(id))
+            .unwrap_or_default()
+            .to_string()
+    };
+    (text(tokenizer.bos()), text(tokenizer.eos()))
+}
 
 impl ChatTemplate {
     /// The model's template, or `None` if its metadata has no `tokenizer.chat_template`.
     /// A template that does not compile is still returned: [`ChatTemplate::render`]
     /// reports the error.
     pub fn from_gguf(gguf: &GgufFile, tokenizer: &Tokenizer) -> Option<ChatTemplate> {
-        let source = gguf.get_str("tokenizer.chat_template")?;
-        let text = |id: Option<u32>| {
-            id.and_then(|id| tokenizer.token_text(id))
-                .unwrap_or_default()
-                .to_string()
+        let source = gguf.get_str(TEMPLATE_KEY)?;
+        Some(Self::for_tokenizer(source, tokenizer).unwrap_or_else(Self::broken))
+    }
+
+    /// The names of the model's templates, as `--chat-template` takes them: `default`
+    /// for `tokenizer.chat_template`, then the name of each further
+    /// `tokenizer.chat_template.NAME` (models with tool-use or RAG variants ship those,
+    /// and llama.cpp's converter writes them so), sorted.
+    pub fn names_in_gguf(gguf: &GgufFile) -> Vec<String> {
+        let mut names = Vec::new();
+        if gguf.get_str(TEMPLATE_KEY).is_some() {
+            names.push(DEFAULT_NAME.to_string());
+        }
+        let prefix = format!("{TEMPLATE_KEY}.");
+        for key in gguf.keys() {
+            if let Some(name) = key.strip_prefix(&prefix) {
+                if gguf.get_str(key).is_some() && name != DEFAULT_NAME {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names
+    }
+
+    /// The model's template called `name` (see [`ChatTemplate::names_in_gguf`]); an
+    /// error naming those it has when it has none by that name.
+    pub fn from_gguf_named(
+        gguf: &GgufFile,
+        tokenizer: &Tokenizer,
+        name: &str,
+    ) -> Result<ChatTemplate, TokenizerError> {
+        let key = if name == DEFAULT_NAME {
+            TEMPLATE_KEY.to_string()
+        } else {
+            format!("{TEMPLATE_KEY}.{name}")
         };
-        let template = Self::new(source, &text(tokenizer.bos()), &text(tokenizer.eos()));
-        Some(template.unwrap_or_else(|e| ChatTemplate {
+        match gguf.get_str(&key) {
+            Some(source) => Ok(Self::for_tokenizer(source, tokenizer).unwrap_or_else(Self::broken)),
+            None => {
+                let names = Self::names_in_gguf(gguf);
+                Err(TokenizerError::Template(if names.is_empty() {
+                    format!("there is no chat template named `{name}`: the model has none")
+                } else {
+                    format!(
+                        "there is no chat template named `{name}`; the model has: {}",
+                        names.join(", ")
+                    )
+                }))
+            }
+        }
+    }
+
+    /// `source` compiled with `tokenizer`'s BOS and EOS texts as `bos_token` and
+    /// `eos_token`.
+    pub fn for_tokenizer(source: &str, tokenizer: &Tokenizer) -> Result<Self, TokenizerError> {
+        let (bos, eos) = special_texts(tokenizer);
+        Self::new(source, &bos, &eos)
+    }
+
+    /// A template that did not compile: rendering reports `e`.
+    fn broken(e: TokenizerError) -> Self {
+        Self {
             kind: Kind::Broken(e.to_string()),
-        }))
+        }
     }
 
     /// Compile a Jinja chat template; `bos_token` / `eos_token` are the texts the
@@ -119,6 +206,14 @@ impl ChatTemplate {
                 Err(Error::new(ErrorKind::InvalidOperation, message))
             },
         );
+        // What Hugging Face's environment adds (template_fns.rs), and Python's string,
+        // list and dict methods.
+        env.add_filter("tojson", template_fns::tojson);
+        env.add_function("strftime_now", template_fns::strftime_now);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_test("iterable", template_fns::is_iterable);
+        env.set_formatter(template_fns::python_formatter);
+        env.add_filter("string", template_fns::string);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(template_error)?;
         Ok(Self {
@@ -169,6 +264,19 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] offering the model `tools` (a list of function schemas
+    /// in OpenAI's shape, `[{"type": "function", "function": {"name", "description",
+    /// "parameters"}}]`), for templates that describe them in the prompt. The plain
+    /// fallback has no place for them and leaves them out.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
         match &self.kind {
             Kind::Jinja(jinja) => match &jinja.sandbox {
                 Some(sandbox) => sandbox.render(&RenderJob {
@@ -176,9 +284,10 @@ impl ChatTemplate {
                     bos_token: Cow::Borrowed(&jinja.bos_token),
                     eos_token: Cow::Borrowed(&jinja.eos_token),
                     messages: Cow::Borrowed(messages),
+                    tools: tools.map(Cow::Borrowed),
                     add_generation_prompt,
                 }),
-                None => jinja.render(messages, add_generation_prompt),
+                None => jinja.render(messages, tools, add_generation_prompt),
             },
             Kind::Broken(e) => Err(TokenizerError::Template(e.clone())),
             Kind::Plain => Ok(render_plain(messages, add_generation_prompt)),
@@ -234,6 +343,7 @@ impl Jinja {
     fn render(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
         let template = self
@@ -252,6 +362,9 @@ impl Jinja {
                 context! {
                     messages => messages,
                     add_generation_prompt => add_generation_prompt,
+                    // None when not given, as transformers passes them.
+                    tools => tools,
+                    documents => (),
                     bos_token => &self.bos_token,
                     eos_token => &self.eos_token,
                 },

@@ -35,6 +35,7 @@ mod bpe;
 pub mod chat;
 pub mod sandbox;
 mod spm;
+mod template_fns;
 
 pub use chat::{ChatMessage, ChatTemplate};
 

@@ -69,6 +69,8 @@ pub struct RenderJob<'a> {
     pub bos_token: Cow<'a, str>,
     pub eos_token: Cow<'a, str>,
     pub messages: Cow<'a, [ChatMessage]>,
+    #[serde(default)]
+    pub tools: Option<Cow<'a, serde_json::Value>>,
     pub add_generation_prompt: bool,
 }
 
@@ -224,9 +226,13 @@ pub fn child_main(memory_mib: u64, cpu_seconds: u64) -> std::io::Result<()> {
     let job: RenderJob = serde_json::from_slice(&input)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     drop(input);
-    let reply = match ChatTemplate::new(&job.source, &job.bos_token, &job.eos_token)
-        .and_then(|t| t.render(&job.messages, job.add_generation_prompt))
-    {
+    let reply = match ChatTemplate::new(&job.source, &job.bos_token, &job.eos_token).and_then(|t| {
+        t.render_with_tools(
+            &job.messages,
+            job.tools.as_deref(),
+            job.add_generation_prompt,
+        )
+    }) {
         Ok(text) => Reply::Rendered(text),
         Err(TokenizerError::Template(msg)) => Reply::Failed(msg),
         Err(e) => Reply::Failed(e.to_string()),
