@@ -118,11 +118,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             Some(a.n_predict),
             &mut stats,
             |piece| {
+                let flow = print_piece(&mut out, piece)?;
                 if STOP.swap(false, Ordering::Relaxed) {
                     stopped = true;
                     return Ok(ControlFlow::Break(()));
                 }
-                print_piece(&mut out, piece)
+                Ok(flow)
             },
         )?;
         writeln!(out)?;
